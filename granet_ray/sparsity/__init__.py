@@ -1,0 +1,47 @@
+"""GraNet's sparsity core: pure torch, no Ray, no I/O, no torch.distributed."""
+
+from granet_ray.sparsity.allocation import (
+    active_count,
+    erk_densities,
+    initial_masks,
+    uniform_densities,
+)
+from granet_ray.sparsity.criteria import (
+    global_magnitude_prune,
+    keep_top,
+    layerwise_magnitude_prune,
+    prune_and_regrow,
+    random_scores,
+    regrow_count,
+)
+from granet_ray.sparsity.engine import GraNet, LocalSync, MaskSync
+from granet_ray.sparsity.flops import FlopsRecorder, forward_flops, relative_flops
+from granet_ray.sparsity.layers import prunable_parameters, unwrap, weight_layers
+from granet_ray.sparsity.schedules import pruning_updates, regrow_fraction, target_density
+from granet_ray.sparsity.seeding import layer_generator
+
+__all__ = [
+    "FlopsRecorder",
+    "GraNet",
+    "LocalSync",
+    "MaskSync",
+    "active_count",
+    "erk_densities",
+    "forward_flops",
+    "global_magnitude_prune",
+    "initial_masks",
+    "keep_top",
+    "layer_generator",
+    "layerwise_magnitude_prune",
+    "prunable_parameters",
+    "prune_and_regrow",
+    "pruning_updates",
+    "random_scores",
+    "regrow_count",
+    "regrow_fraction",
+    "relative_flops",
+    "target_density",
+    "uniform_densities",
+    "unwrap",
+    "weight_layers",
+]
