@@ -93,7 +93,7 @@ def update_ratio(repeats: int) -> tuple[float, float]:
 
 def peak_rss_mb(with_engine: bool) -> float:
     """(c): peak resident memory (MB) of a fresh process training ResNet-50 at batch 8 for
-    3 steps, with the engine doing one mask update, or without the engine."""
+    4 steps, with the engine doing two mask updates, or without the engine."""
     code = f"""
 import resource, sys
 sys.path.insert(0, {str(sys.path[0])!r})
@@ -102,7 +102,7 @@ from granet_ray.config import GraNetConfig
 cfg = GraNetConfig(init_density=0.5, final_density=0.2, update_interval=2, prune_end=10)
 model, opt, engine = b._setup("resnet50", cfg if {with_engine} else None, 20)
 x, y = b._batch(8, 224, 1000)
-for _ in range(3):
+for _ in range(4):
     b._train_step(model, opt, engine, x, y)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """

@@ -155,21 +155,32 @@ class GraNetConfig:
         return _from_dict(cls, data, "granet")
 
 
+_DEMO_GRANET = GraNetConfig(
+    method="granet",
+    init_density=0.5,
+    final_density=0.1,
+    update_interval=20,
+    prune_start=0,
+    prune_end=4,
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training recipe: model, data, optimizer, LR schedule and the GraNet config.
 
-    train_size keeps only that many training samples (None: all; for synthetic_imagenet,
-    its size). batch_size is per worker. lr_milestones are epochs where the LR is multiplied
-    by lr_gamma; warmup_epochs ramps the LR linearly from 0 first. weight_decay_norm=False
-    exempts normalization parameters and biases from weight decay.
+    The defaults are the offline MNIST-5k demo (preset ``mnist_demo``). train_size keeps only
+    that many training samples (None: all; for synthetic_imagenet, its size). batch_size is
+    per worker. lr_milestones are epochs where the LR is multiplied by lr_gamma; warmup_epochs
+    ramps the LR linearly from 0 first. weight_decay_norm=False exempts the parameters of
+    normalization layers from weight decay.
     """
 
     model: str = "mnist_convnet"
     dataset: str = "mnist5k"
     data_root: str | None = None
     train_size: int | None = None
-    epochs: int = 3
+    epochs: int = 8
     batch_size: int = 64
     optimizer: str = "sgd"
     lr: float = 0.05
@@ -177,13 +188,13 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     weight_decay_norm: bool = True
-    lr_milestones: tuple[int, ...] = ()
+    lr_milestones: tuple[int, ...] = (6,)
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     amp: bool = False
     seed: int = 0
-    granet: GraNetConfig = field(default_factory=GraNetConfig)
+    granet: GraNetConfig = field(default_factory=lambda: _DEMO_GRANET)
 
     def __post_init__(self) -> None:
         _check(
@@ -259,13 +270,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
-        granet = data.pop("granet", {})
+        granet = data.get("granet", {})
         if not isinstance(granet, GraNetConfig):
-            granet = GraNetConfig.from_dict(granet)
+            data["granet"] = GraNetConfig.from_dict(granet)
         if "lr_milestones" in data:
             data["lr_milestones"] = tuple(data["lr_milestones"])
-        cfg = _from_dict(cls, data, "train")
-        return dataclasses.replace(cfg, granet=granet)
+        return _from_dict(cls, data, "train")
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with top-level fields changed; ``granet`` may be a dict of GraNet fields."""
@@ -313,23 +323,7 @@ def _cifar(model: str) -> TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    "mnist_demo": TrainConfig(
-        model="mnist_convnet",
-        dataset="mnist5k",
-        epochs=8,
-        batch_size=64,
-        lr=0.05,
-        weight_decay=5e-4,
-        lr_milestones=(6,),
-        granet=GraNetConfig(
-            method="granet",
-            init_density=0.5,
-            final_density=0.1,
-            update_interval=20,
-            prune_start=0,
-            prune_end=4,
-        ),
-    ),
+    "mnist_demo": TrainConfig(),
     "cifar10_resnet20": _cifar("resnet20"),
     "cifar10_vgg19": _cifar("vgg19_bn"),
     "imagenet_resnet50": TrainConfig(

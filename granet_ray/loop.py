@@ -17,17 +17,30 @@ from torch import nn
 from granet_ray.config import TrainConfig
 from granet_ray.sparsity import GraNet
 
+_NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum) or Adam. With ``weight_decay_norm=False`` the 1-D parameters
-    (biases, normalization weights) get no weight decay."""
+    """SGD (Nesterov momentum) or Adam. With ``weight_decay_norm=False`` the parameters of
+    normalization layers (BatchNorm, GroupNorm, LayerNorm, ...) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.weight_decay_norm:
         groups: list[dict[str, Any]] = [{"params": params}]
     else:
+        norm = {
+            id(p)
+            for m in model.modules()
+            if isinstance(m, _NORM_LAYERS)
+            for p in m.parameters(recurse=False)
+        }
         groups = [
-            {"params": [p for p in params if p.dim() > 1]},
-            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+            {"params": [p for p in params if id(p) not in norm]},
+            {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0},
         ]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)

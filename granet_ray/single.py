@@ -46,16 +46,15 @@ def train_single(
     cfg: TrainConfig,
     *,
     device: str | torch.device | None = None,
-    train_size: int | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> SingleRunResult:
     """Train ``cfg`` in this process with the GraNet engine; prints a progress bar and the
-    final per-layer table when ``progress``. ``train_size`` truncates the training set."""
+    final per-layer table when ``progress``."""
     console = console or Console()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed_everything(cfg.seed)
-    data = build_datasets(cfg.dataset, cfg.data_root, train_size=train_size, seed=cfg.seed)
+    data = build_datasets(cfg.dataset, cfg.data_root, train_size=cfg.train_size, seed=cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(
         data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator

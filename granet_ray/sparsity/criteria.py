@@ -97,7 +97,9 @@ def prune_and_regrow(weights: Tensors, grads: Tensors, masks: Tensors, fraction:
             out[n] = mask.clone()
             continue
         kept = keep_top(_masked_magnitude(weights[n], mask), active - r)
-        grow_scores = torch.where(kept, -1.0, grads[n].abs().float())
+        # non-finite gradients (an AMP overflow step) count as 0 so the layer never shrinks
+        grow = torch.nan_to_num(grads[n].abs().float(), nan=0.0, posinf=0.0)
+        grow_scores = torch.where(kept, -1.0, grow)
         out[n] = kept | keep_top(grow_scores, r)
     return out
 

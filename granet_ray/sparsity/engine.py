@@ -101,6 +101,11 @@ class GraNet:
             self.regrow_end = math.floor(0.75 * total_steps)
         else:
             self.regrow_end = total_steps
+        if config.prunes and self.prune_end > total_steps:
+            raise ConfigError(
+                f"granet.prune_end={config.prune_end} epochs = step {self.prune_end} is after "
+                f"the last step ({total_steps}): pruning would never reach final_density"
+            )
         if config.prunes and config.final_density < config.start_density:
             updates = pruning_updates(
                 update_interval=config.update_interval,
