@@ -66,6 +66,9 @@ class GraNet:
         total_steps: T, optimizer steps of the whole run.
         steps_per_epoch: optimizer steps per epoch on one worker.
         sync: cross-worker agreement; ``LocalSync`` (default) for one process.
+
+    The constructor applies the initial masks to the model. To resume, build the engine
+    first, then load the model, optimizer and engine states (``load_state_dict``).
     """
 
     def __init__(
