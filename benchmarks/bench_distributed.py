@@ -1,0 +1,130 @@
+"""Distributed GraNet on this machine, one run, two ratios side by side.
+
+1. Scaling: training throughput (samples/s over all workers, the second epoch, evaluation
+   excluded) of 2 Ray Train workers / 1 worker, MNIST conv net, batch 64 per worker.
+   Goal >= 1.7 on a 2-core machine.
+2. Mask-update cost: one synchronized mask update (score all-reduce + prune + regrow +
+   fingerprint check + re-masking, i.e. ``engine.step()`` on an update step) / one training
+   step (forward, backward, DDP all-reduce, optimizer step, ``engine.step()``), 2 gloo
+   processes. Goal <= 1.0.
+
+    .venv/bin/python benchmarks/bench_distributed.py
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from granet_ray.config import GraNetConfig, preset
+from granet_ray.distributed import DistributedSync
+from granet_ray.models import build_model
+from granet_ray.sparsity import GraNet
+
+BATCH = 64
+UPDATE_STEPS = 60  # training steps in the update-cost measurement (update every 5)
+
+
+def throughput(num_workers: int, storage: str) -> float:
+    """Samples per second of the second epoch of a short run on ``num_workers`` workers."""
+    from granet_ray.train import RunSettings, fit
+
+    train = preset("mnist_demo").replace(
+        epochs=2,
+        train_size=2048,
+        batch_size=BATCH,
+        lr_milestones=(),
+        granet={"prune_end": 1, "update_interval": 8},
+    )
+    run = RunSettings(num_workers=num_workers, storage_path=storage)
+    return fit(train, run, progress=False).epochs[-1]["samples_per_second"]
+
+
+def _update_cost(rank: int, port: int, model_name: str, out: str) -> None:
+    """Per-step timings on one of two gloo processes with DDP (written to ``out``)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(build_model(model_name))
+        shape = (1, 28, 28) if model_name == "mnist_convnet" else (3, 32, 32)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        config = GraNetConfig(init_density=0.5, final_density=0.1, update_interval=5, prune_end=2)
+        engine = GraNet(
+            model,
+            optimizer,
+            config,
+            total_steps=UPDATE_STEPS,
+            steps_per_epoch=UPDATE_STEPS // 3,
+            sync=DistributedSync(),
+        )
+        data = torch.Generator().manual_seed(rank)
+        steps, updates = [], []
+        for _ in range(UPDATE_STEPS):
+            inputs = torch.randn(BATCH, *shape, generator=data)
+            targets = torch.randint(0, 10, (BATCH,), generator=data)
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+            hook = time.perf_counter()
+            update = engine.step()
+            end = time.perf_counter()
+            (updates if update is not None else steps).append(
+                end - hook if update is not None else end - start
+            )
+        torch.save({"steps": steps[2:], "updates": updates}, f"{out}/{model_name}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def update_cost(model_name: str, out: str) -> tuple[float, float]:
+    """(median seconds of a mask update, median seconds of a training step), worst rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_update_cost, args=(port, model_name, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}/{model_name}-{r}.pt") for r in range(2)]
+    update = max(statistics.median(r["updates"]) for r in ranks)
+    step = max(statistics.median(r["steps"]) for r in ranks)
+    return update, step
+
+
+def main() -> int:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="granet-bench-") as tmp:
+        for model_name in ("mnist_convnet", "resnet20"):
+            update, step = update_cost(model_name, tmp)
+            print(
+                f"{model_name:>13}: mask update {update * 1e3:7.1f} ms / training step "
+                f"{step * 1e3:6.1f} ms = {update / step:.2f}  (goal <= 1.0)"
+            )
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            one = throughput(1, tmp)
+            two = throughput(2, tmp)
+        finally:
+            ray.shutdown()
+    print(
+        f"throughput: 2 workers {two:.0f} samples/s / 1 worker {one:.0f} samples/s = "
+        f"{two / one:.2f}  (goal >= 1.7)"
+    )
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

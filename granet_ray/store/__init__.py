@@ -1,0 +1,62 @@
+"""Sparse checkpoints: every masked weight as CSR in Arrow IPC files, on local disk or S3.
+
+Format: docs/checkpoint-format.md. Entry points: ``save_sparse``, ``load_sparse``,
+``list_checkpoints``, ``latest_checkpoint``; every failure is a ``CheckpointError``.
+"""
+
+from granet_ray.store.api import (
+    SparseCheckpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_sparse,
+    save_sparse,
+)
+from granet_ray.store.errors import (
+    BucketNotFoundError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    InvalidInputError,
+    InvalidURIError,
+    ManifestError,
+    MissingFileError,
+    ModelMismatchError,
+    SchemaMismatchError,
+    StorageAuthError,
+    StorageError,
+    StorageUnreachableError,
+    TruncatedFileError,
+    UnsupportedFormatError,
+)
+from granet_ray.store.format import FORMAT_VERSION
+from granet_ray.store.optimizer import optimizer_state_by_name, optimizer_state_from_names
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BucketNotFoundError",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "CorruptCheckpointError",
+    "InvalidInputError",
+    "InvalidURIError",
+    "ManifestError",
+    "MissingFileError",
+    "ModelMismatchError",
+    "SchemaMismatchError",
+    "SparseCheckpoint",
+    "StorageAuthError",
+    "StorageError",
+    "StorageUnreachableError",
+    "TruncatedFileError",
+    "UnsupportedFormatError",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_sparse",
+    "optimizer_state_by_name",
+    "optimizer_state_from_names",
+    "save_sparse",
+]

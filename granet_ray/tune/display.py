@@ -1,0 +1,97 @@
+"""Live progress of a sweep on the driver: a rich bar over trials whose status line follows
+the latest epoch report, and one printed line per trial that ends (finished, stopped early
+by ASHA, failed). A Ray Tune callback, registered for one ``sweep`` call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ray import tune
+from ray.tune.experiment import Trial
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import TaskID
+
+from granet_ray.report import training_progress
+
+
+def _epochs(trial: Trial) -> int:
+    return int(trial.config["trial"]["train"]["epochs"])
+
+
+def _name(trial: Trial) -> str:
+    return str(trial.config["trial"]["name"])
+
+
+def trial_summary(result: dict[str, Any], epochs: int) -> str:
+    """``epoch e/E val acc a density d`` of a trial's latest report (empty before one)."""
+    if "epoch" not in result:
+        return "no report"
+    return (
+        f"epoch {result['epoch']}/{epochs} val acc {result['val_accuracy']:.2%} "
+        f"density {result['density']:.4f}"
+    )
+
+
+def error_line(trial: Trial) -> str:
+    """The last line of a failed trial's error (the exception), and where the rest is."""
+    path = trial.error_file
+    if path is None or not Path(path).is_file():
+        return "no error recorded"
+    lines = Path(path).read_text().strip().splitlines()
+    return f"{lines[-1]} (details: {path})"
+
+
+class SweepDisplay(tune.Callback):
+    """A context manager and Tune callback drawing the sweep on ``console``; ``total``
+    trials of which ``done`` ended before (a resumed sweep). Draws nothing unless
+    ``enabled``."""
+
+    def __init__(self, console: Console, *, total: int, done: int, enabled: bool = True) -> None:
+        self.console = console
+        self.enabled = enabled
+        self.done = done
+        self._bar = training_progress(console, disable=not enabled)
+        self._task: TaskID = self._bar.add_task(
+            "trials", total=total, completed=done, status="starting trials"
+        )
+
+    def __enter__(self) -> SweepDisplay:
+        self._bar.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._bar.stop()
+
+    def _print(self, text: str) -> None:
+        if self.enabled:
+            self._bar.console.print(text, highlight=False)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        self._bar.update(self._task, status=f"{_name(trial)} started")
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any
+    ) -> None:
+        status = f"{_name(trial)}: {trial_summary(result, _epochs(trial))}"
+        self._bar.update(self._task, status=status)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        self.done += 1
+        self._bar.update(self._task, completed=self.done)
+        result = trial.last_result or {}
+        epochs = _epochs(trial)
+        ended = "finished" if result.get("epoch") == epochs else "[yellow]stopped early (ASHA)[/]"
+        self._print(f"{escape(_name(trial))} {ended}: {trial_summary(result, epochs)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        self.done += 1
+        self._bar.update(self._task, completed=self.done)
+        self._print(f"[red]{escape(_name(trial))} failed[/]: {escape(error_line(trial))}")

@@ -1,0 +1,371 @@
+"""The search space of a sweep: a grid over the GraNet schedule, from a YAML/JSON grid file and
+flags, expanded into validated trial points before any trial starts. No Ray.
+
+A grid file (all keys optional except ``variants`` or ``grid.method``)::
+
+    name: paper                 # label in the sweep's name (default: the file's stem)
+    base: mnist_demo            # a preset name, or a preset file (relative to this file)
+    epochs: 4                   # scale the base's epoch schedule to this many epochs
+    train: {train_size: 4000}   # fixed TrainConfig fields (``granet``: fixed GraNet fields)
+    variants:                   # named method settings, each crossed with the grid
+      granet-d2s: {method: granet, init_density: 1.0}
+      rigl: {method: rigl}
+    grid:                       # lists of values; every combination is a trial
+      final_density: [0.1, 0.05, 0.02]
+      update_interval: [10]     # optimizer steps
+      prune_window: [[0, 2]]    # (prune_start, prune_end) in epochs of the sweep's training
+      regrow_fraction: [0.5]
+    seeds: [0, 1, 2]            # TrainConfig.seed and GraNetConfig.seed of every trial
+    asha: {grace_period: 1, reduction_factor: 2}   # or null: no early stopping
+
+Trials are ordered by final density, then the other grid fields, then variant, then seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from granet_ray.config import PRESETS, ConfigError, GraNetConfig, TrainConfig, preset
+from granet_ray.train.jobs import with_epochs
+from granet_ray.train.preflight import preflight
+from granet_ray.train.settings import RunSettings
+from granet_ray.tune.presets import load_preset_file
+
+GRID_DIR = Path(__file__).parent / "grids"
+FILE_KEYS = ("name", "base", "epochs", "train", "variants", "grid", "seeds", "asha")
+MERGED_KEYS = ("grid", "train", "asha")
+# Grid fields, with the short tag each contributes to a trial's name.
+SEARCH_FIELDS = {
+    "final_density": "df",
+    "init_density": "di",
+    "method": "m",
+    "update_interval": "dt",
+    "prune_window": "w",
+    "regrow_fraction": "p",
+}
+VARIANT_FIELDS = tuple(
+    sorted({f.name for f in dataclasses.fields(GraNetConfig)} - {"seed"} | {"prune_window"})
+)
+# CPUs the Tune trial itself holds while its TorchTrainer runs (Tune refuses 0).
+TRIAL_DRIVER_CPU = 0.01
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Asha:
+    """ASHA early stopping on validation accuracy, in epochs: a trial is compared at epochs
+    ``grace_period * reduction_factor**k`` (below its last epoch) with the trials that reached
+    that epoch before it, and goes on only if among the best ``1 / reduction_factor``."""
+
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    """A validated search space.
+
+    label: names the sweep. base: the TrainConfig every trial starts from (epochs and fixed
+    fields applied). variants: name -> GraNet fields. grid: field -> values, in trial order.
+    seeds: one trial per seed for every combination. asha: early stopping, or None.
+    """
+
+    label: str
+    base: TrainConfig
+    variants: dict[str, dict[str, Any]]
+    grid: dict[str, list[Any]]
+    seeds: tuple[int, ...]
+    asha: Asha | None
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One trial: ``name`` (its folder and Ray run name, stable across restarts) is ``group``
+    (the configuration without the seed) plus ``_s<seed>``."""
+
+    name: str
+    group: str
+    variant: str
+    seed: int
+    train: TrainConfig
+
+
+def _fail(where: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{where}={value!r} is invalid: must be {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_grid_file(source: str | Path) -> tuple[dict[str, Any], Path]:
+    """The parsed grid file and its folder. ``source``: a packaged grid's name (``paper``,
+    ``compare``, ``smoke``; see ``GRID_DIR``) or a YAML/JSON file path."""
+    packaged = GRID_DIR / f"{source}.yaml"
+    path = packaged if re.fullmatch(r"[\w-]+", str(source)) and packaged.is_file() else Path(source)
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in GRID_DIR.glob("*.yaml")))
+        raise _fail("grid", str(source), f"a packaged grid ({names}) or a YAML/JSON file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"grid file {path}: not valid YAML/JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"grid file {path}: must hold a mapping of {', '.join(FILE_KEYS)}")
+    data.setdefault("name", path.stem)
+    return data, path.parent
+
+
+def merge(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with ``overrides`` applied: ``grid``, ``train`` and ``asha`` mappings are
+    merged field by field, every other key is replaced."""
+    merged = dict(data)
+    for key, value in overrides.items():
+        if key in MERGED_KEYS and isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_space(data: Mapping[str, Any], folder: Path = Path(".")) -> SweepSpace:
+    """Check a grid mapping's structure and build its ``SweepSpace``; ``folder`` resolves a
+    relative ``base`` file. Raises ``ConfigError`` naming the field."""
+    unknown = sorted(set(data) - set(FILE_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown grid key(s) {', '.join(unknown)}; known: {', '.join(FILE_KEYS)}"
+        )
+    label = data.get("name", "sweep")
+    if not (isinstance(label, str) and _LABEL.match(label)):
+        raise _fail("name", label, "letters, digits, '_', '.', '-'")
+    base = _base(data, folder)
+    return SweepSpace(
+        label=label,
+        base=base,
+        variants=_variants(data.get("variants")),
+        grid=_grid(data.get("grid") or {}, has_variants=bool(data.get("variants"))),
+        seeds=_seeds(data.get("seeds", [0])),
+        asha=_asha(data.get("asha"), base.epochs),
+    )
+
+
+def load_space(
+    source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> SweepSpace:
+    """A ``SweepSpace`` from a packaged grid name, a grid file or a mapping, with
+    ``overrides`` (same keys as the file, e.g. from flags) applied first."""
+    if isinstance(source, Mapping):
+        data, folder = dict(source), Path(".")
+    else:
+        data, folder = read_grid_file(source)
+    return parse_space(merge(data, overrides or {}), folder)
+
+
+def _base(data: Mapping[str, Any], folder: Path) -> TrainConfig:
+    name = data.get("base", "mnist_demo")
+    if isinstance(name, str) and name in PRESETS:
+        train = preset(name)
+    elif isinstance(name, str) and (folder / name).is_file():
+        train = load_preset_file(folder / name)
+    else:
+        raise _fail("base", name, f"a preset ({', '.join(PRESETS)}) or a preset file")
+    epochs = data.get("epochs")
+    if epochs is not None:
+        if not (_is_int(epochs) and epochs > 0):
+            raise _fail("epochs", epochs, "a positive integer")
+        train = with_epochs(train, epochs)
+    fixed = data.get("train") or {}
+    if not isinstance(fixed, dict):
+        raise _fail("train", fixed, "a mapping of TrainConfig fields")
+    for key in ("epochs", "seed"):
+        if key in fixed:
+            raise _fail(f"train.{key}", fixed[key], f"set by the top-level key {key}(s)")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(fixed) - names)
+    if unknown:
+        raise ConfigError(f"unknown train field(s) {', '.join(unknown)}; known: {sorted(names)}")
+    granet = fixed.get("granet") or {}
+    _check_fields(granet, {f.name for f in dataclasses.fields(GraNetConfig)}, "train.granet")
+    if "lr_milestones" in fixed:
+        fixed = {**fixed, "lr_milestones": tuple(fixed["lr_milestones"])}
+    return train.replace(**fixed)
+
+
+def _check_fields(values: Any, allowed: set[str] | Sequence[str], where: str) -> None:
+    if not isinstance(values, dict):
+        raise _fail(where, values, "a mapping of field: value")
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown {where} field(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+        )
+
+
+def _variants(variants: Any) -> dict[str, dict[str, Any]]:
+    if variants is None:
+        return {}
+    if not (isinstance(variants, dict) and variants):
+        raise _fail("variants", variants, "a non-empty mapping of name: {GraNet fields}")
+    for name, fields in variants.items():
+        if not (isinstance(name, str) and _LABEL.match(name)):
+            raise _fail("variants", name, "names of letters, digits, '_', '.', '-'")
+        _check_fields(fields, VARIANT_FIELDS, f"variants.{name}")
+    return {name: dict(fields) for name, fields in variants.items()}
+
+
+def _grid(grid: Any, *, has_variants: bool) -> dict[str, list[Any]]:
+    _check_fields(grid, SEARCH_FIELDS, "grid")
+    for name, values in grid.items():
+        if not (isinstance(values, list) and values):
+            raise _fail(f"grid.{name}", values, "a non-empty list of values")
+        keys = [json.dumps(v) for v in values]
+        if len(set(keys)) != len(keys):
+            raise _fail(f"grid.{name}", values, "a list without duplicates")
+    for window in grid.get("prune_window", []):
+        if not (isinstance(window, list) and len(window) == 2 and all(map(_is_number, window))):
+            raise _fail("grid.prune_window", window, "a list of [prune_start, prune_end] pairs")
+    if not has_variants and "method" not in grid:
+        raise ConfigError("the grid needs variants or grid.method: no method to train")
+    order = ["final_density"] + [f for f in SEARCH_FIELDS if f != "final_density"]
+    return {f: list(grid[f]) for f in order if f in grid}
+
+
+def _seeds(seeds: Any) -> tuple[int, ...]:
+    if not (isinstance(seeds, list) and seeds and all(_is_int(s) and s >= 0 for s in seeds)):
+        raise _fail("seeds", seeds, "a non-empty list of integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise _fail("seeds", seeds, "a list without duplicates")
+    return tuple(seeds)
+
+
+def _asha(asha: Any, epochs: int) -> Asha | None:
+    if asha is None or asha is False:
+        return None
+    _check_fields(asha, ("grace_period", "reduction_factor"), "asha")
+    result = Asha(**asha)
+    if not (_is_int(result.grace_period) and 1 <= result.grace_period < epochs):
+        raise _fail(
+            "asha.grace_period",
+            result.grace_period,
+            f"an integer of epochs in [1, epochs={epochs})",
+        )
+    if not (_is_number(result.reduction_factor) and result.reduction_factor > 1):
+        raise _fail("asha.reduction_factor", result.reduction_factor, "a number > 1")
+    return result
+
+
+def _tag(value: Any) -> str:
+    if isinstance(value, list):
+        return "-".join(_tag(v) for v in value)
+    return f"{value:g}" if _is_number(value) else str(value)
+
+
+def _granet_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    fields = {k: v for k, v in values.items() if k != "prune_window"}
+    if "prune_window" in values:
+        fields["prune_start"], fields["prune_end"] = values["prune_window"]
+    return fields
+
+
+def expand(space: SweepSpace) -> list[TrialPoint]:
+    """Every trial of ``space``, each with a validated ``TrainConfig``; a combination that
+    makes an invalid config raises ``ConfigError`` naming the trial and the field."""
+    variants = space.variants or {"": {}}
+    for name, fields in variants.items():
+        both = sorted(set(fields) & set(space.grid))
+        if both:
+            raise ConfigError(
+                f"variants.{name} and grid both set {', '.join(both)}: set each field in one place"
+            )
+    points = []
+    for combo in itertools.product(*space.grid.values()):
+        values = dict(zip(space.grid, combo, strict=True))
+        for variant, fields in variants.items():
+            parts = [variant] if variant else []
+            parts += [f"{SEARCH_FIELDS[k]}{_tag(v)}" for k, v in values.items()]
+            group = "_".join(parts)
+            for seed in space.seeds:
+                name = f"{group}_s{seed}"
+                granet = {**_granet_fields({**fields, **values}), "seed": seed}
+                try:
+                    train = space.base.replace(seed=seed, granet=granet)
+                except ConfigError as err:
+                    raise ConfigError(f"trial {name}: {err}") from None
+                label = variant or train.granet.method
+                points.append(TrialPoint(name, group, label, seed, train))
+    if len({p.name for p in points}) != len(points):
+        raise ConfigError("two trials share a name: variant names must differ from each other")
+    return points
+
+
+def validate(space: SweepSpace, run: RunSettings) -> list[TrialPoint]:
+    """``expand(space)``, then each configuration checked against the real dataset, model
+    and step schedule at ``run``'s worker count, before any trial starts (once per group:
+    the seed changes no check)."""
+    points = expand(space)
+    checked = set()
+    for point in points:
+        if point.group in checked:
+            continue
+        checked.add(point.group)
+        try:
+            preflight(point.train, run.num_workers)
+        except ConfigError as err:
+            raise ConfigError(f"trial {point.name}: {err}") from None
+    return points
+
+
+def sweep_name(space: SweepSpace, points: Sequence[TrialPoint], run: RunSettings) -> str:
+    """``sweep-<label>-<8 hex>``: the same space, worker count and early stopping give the
+    same name, so running the same command again resumes the same sweep."""
+    return f"sweep-{space.label}-{space_digest(space, points, run)[:8]}"
+
+
+def space_digest(space: SweepSpace, points: Sequence[TrialPoint], run: RunSettings) -> str:
+    """SHA-256 of what decides the sweep's results: every trial's name and configuration,
+    the workers per trial and the early stopping."""
+    content = {
+        "trials": [[p.name, p.train.to_dict()] for p in points],
+        "num_workers": run.num_workers,
+        "asha": None if space.asha is None else dataclasses.asdict(space.asha),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def trial_resources(run: RunSettings) -> dict[str, float]:
+    """Resources one trial holds: its Tune driver and its Ray Train workers."""
+    need = {"CPU": TRIAL_DRIVER_CPU + run.num_workers * run.cpus_per_worker}
+    if run.use_gpu:
+        need["GPU"] = run.num_workers * run.gpus_per_worker
+    return need
+
+
+def max_concurrent_trials(cluster: Mapping[str, float], run: RunSettings) -> int:
+    """How many trials fit on ``cluster`` (``ray.cluster_resources()``) at once; raises
+    ``ConfigError`` when not even one does."""
+    need = trial_resources(run)
+    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items())
+    if fits < 1:
+        wanted = ", ".join(f"{v:g} {k}" for k, v in need.items())
+        have = ", ".join(f"{cluster.get(k, 0.0):g} {k}" for k in need)
+        raise ConfigError(
+            f"num_workers={run.num_workers} is invalid: one trial needs {wanted} "
+            f"(workers x cpus_per_worker / gpus_per_worker) but the cluster has {have}"
+        )
+    return fits

@@ -1,0 +1,210 @@
+"""The job scripts: bad flags fail before Ray is contacted, with one line naming the field;
+and a real ``ray job submit`` of the demo against a local head leaves a checkpoint that
+``load_sparse`` opens."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from fixtures_ray import RAY_ENV
+
+import granet_ray.train.jobs
+from granet_ray.store import load_sparse
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _job(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A job script as a module; contacting Ray fails the test."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def connect(address: str | None = None) -> None:
+        raise AssertionError("the job contacted Ray despite an invalid configuration")
+
+    monkeypatch.setattr(granet_ray.train.jobs, "connect", connect)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("job", "flags", "message"),
+    [
+        ("mnist_demo", ["--final-density", "1.5"], "final_density=1.5 is invalid"),
+        ("mnist_demo", ["--init-density", "0.05"], "final_density=0.1 is invalid"),
+        ("mnist_demo", ["--epochs", "0"], "epochs=0 is invalid"),
+        ("mnist_demo", ["--num-workers", "0"], "num_workers=0 is invalid"),
+        ("mnist_demo", ["--gpus-per-worker", "-1"], "gpus_per_worker=-1.0 is invalid"),
+        ("mnist_demo", ["--storage", "ftp://host/x"], "storage_path='ftp://host/x' is invalid"),
+        ("mnist_demo", ["--checkpoint-every", "0"], "checkpoint_every=0 is invalid"),
+        ("mnist_demo", ["--train-size", "99999"], "train_size=99999"),
+        ("mnist_demo", ["--update-interval", "5000"], "hold no mask update"),
+        ("mnist_demo", ["--batch-size", "0"], "batch_size=0 is invalid"),
+        ("cifar10_resnet20", ["--data-root", "/nonexistent"], "/nonexistent"),
+        ("imagenet_resnet50", ["--synthetic", "--lr", "-1"], "lr=-1.0 is invalid"),
+        ("imagenet_resnet50", ["--synthetic", "--name", "a/b"], "name='a/b' is invalid"),
+    ],
+)
+def test_invalid_flags_fail_before_ray_naming_the_field(
+    job: str,
+    flags: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert _job(job, monkeypatch).main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("job", "flags", "message"),
+    [
+        ("imagenet_resnet50", [], "--data-root is required"),
+        ("cifar10_resnet20", [], "--data-root"),
+        ("mnist_demo", ["--method", "magic"], "invalid choice: 'magic'"),
+        ("mnist_demo", ["--epochs", "two"], "invalid int value: 'two'"),
+    ],
+)
+def test_missing_or_malformed_flags_are_usage_errors(
+    job: str,
+    flags: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _job(job, monkeypatch).main(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_invalid_flag_from_the_command_line_prints_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "jobs/mnist_demo.py", "--final-density", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: final_density=2.0 is invalid: must be a number in (0, 1]"
+    ]
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head() -> Iterator[dict[str, str]]:
+    """A local Ray head (``ray start --head --block``) on free ports with its own temp dir;
+    yields the environment for ``ray job submit``. Stopped by its PID (SIGTERM, which tears
+    down its own processes; then its process group), never by ``ray stop``, which would end
+    every Ray on the machine, including the test session's."""
+    names = (
+        "port",
+        "dashboard-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "ray-client-server-port",
+        "metrics-export-port",
+        "node-manager-port",
+        "object-manager-port",
+    )
+    ports = dict(zip(names, _free_ports(len(names)), strict=True))
+    temp_dir = tempfile.mkdtemp(prefix="grh-", dir="/tmp")  # short: unix socket paths
+    env = {
+        **os.environ,
+        **RAY_ENV,
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this one
+    }
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--object-store-memory=268435456",
+        "--dashboard-host=127.0.0.1",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]
+    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115 (closed below)
+    head = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()
+                assert time.monotonic() < deadline, "the Ray head did not come up in 120 s"
+                time.sleep(1)
+        yield {**env, "RAY_API_SERVER_ADDRESS": address}
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        with contextlib.suppress(ProcessLookupError):  # whatever the head left behind
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_ray_job_submit_trains_and_leaves_a_loadable_checkpoint(
+    ray_head: dict[str, str], tmp_path: Path
+) -> None:
+    flags = ["--epochs", "1", "--train-size", "256", "--batch-size", "32"]
+    flags += ["--update-interval", "2", "--storage", str(tmp_path), "--name", "submitted"]
+    result = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python"]
+        + ["jobs/mnist_demo.py", *flags],
+        cwd=ROOT,
+        env=ray_head,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "succeeded" in result.stdout
+    assert "test accuracy of the sparse model" in result.stdout
+    checkpoint = load_sparse(tmp_path / "submitted" / "checkpoint_epoch_0001")
+    assert checkpoint.metadata["epoch"] == 1 and checkpoint.metadata["world_size"] == 2
+    active = sum(int(m.sum()) for m in checkpoint.masks.values())
+    assert active / sum(m.numel() for m in checkpoint.masks.values()) == pytest.approx(0.1, 1e-4)
