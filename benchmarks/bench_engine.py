@@ -40,7 +40,7 @@ def _setup(model_name: str, engine_cfg: GraNetConfig | None, total: int):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     engine = None
     if engine_cfg is not None:
-        engine = GraNet(model, opt, engine_cfg, total_steps=total, steps_per_epoch=total)
+        engine = GraNet(model, opt, engine_cfg, total_steps=total, steps_per_epoch=1)
     return model, opt, engine
 
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from granet_ray.config import ConfigError
 from granet_ray.store.errors import CheckpointError
 
 
@@ -118,13 +119,45 @@ def add_ckpt_commands(groups: argparse._SubParsersAction) -> None:
     export.set_defaults(handler=ckpt_export)
 
 
+def train_local(args: argparse.Namespace, console: Console) -> int:
+    """Train a preset in this process (no Ray) and print the per-layer table."""
+    from granet_ray.config import preset
+    from granet_ray.single import train_single
+
+    cfg = preset(args.preset)
+    changes = {
+        k: getattr(args, k) for k in ("epochs", "train_size", "data_root") if getattr(args, k)
+    }
+    granet = {k: getattr(args, k) for k in ("method", "final_density") if getattr(args, k)}
+    cfg = cfg.replace(**changes, granet=granet)
+    train_single(cfg, device=args.device, console=console)
+    return 0
+
+
+def add_train_command(groups: argparse._SubParsersAction) -> None:
+    """``train``: a single-process GraNet run (the Ray jobs live in jobs/)."""
+    from granet_ray.config import METHODS, PRESETS
+
+    train = groups.add_parser("train", help="train a preset in this process, without Ray")
+    train.add_argument("--preset", default="mnist_demo", choices=sorted(PRESETS))
+    train.add_argument("--epochs", type=int, help="override the preset's epochs")
+    train.add_argument("--method", choices=METHODS, help="override the GraNet method")
+    train.add_argument("--final-density", type=float, help="override d_f")
+    train.add_argument("--train-size", type=int, help="keep only N training samples")
+    train.add_argument("--data-root", help="dataset folder (cifar10, imagenet)")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    train.set_defaults(handler=train_local)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command group."""
     parser = argparse.ArgumentParser(
-        prog="granet-ray", description="GraNet sparse training on Ray: tools."
+        prog="granet-ray",
+        description="GraNet sparse training on Ray: tools and a single-process run.",
     )
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
     add_ckpt_commands(groups)
+    add_train_command(groups)
     return parser
 
 
@@ -136,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console = Console(width=max(console.width, 160))
     try:
         return args.handler(args, console)
-    except CheckpointError as exc:
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as exc:
         Console(stderr=True).print(Text(f"error: {exc}", style="red"), soft_wrap=True)
         return 2
 

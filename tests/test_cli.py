@@ -83,3 +83,10 @@ def test_bad_storage_option_and_usage(checkpoint, capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["ckpt"])
     assert exited.value.code == 2
+
+
+def test_train_command_rejects_a_bad_flag_naming_the_field(capsys) -> None:
+    from granet_ray.cli import main
+
+    assert main(["train", "--final-density", "1.5"]) == 2
+    assert "final_density=1.5 is invalid" in capsys.readouterr().err

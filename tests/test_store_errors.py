@@ -9,6 +9,7 @@ import pickle
 import socket
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from fixtures_s3 import StorageRoot, masked_net, small_net
@@ -387,3 +388,35 @@ def test_local_path_that_is_a_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"cannot .* in .*file"):
         save_sparse(model, tmp_path / "file", masks=masks)
     assert os.path.getsize(tmp_path / "file") == 1
+
+
+def test_corrupt_pattern_writes_nothing_into_the_model(tmp_path: Path) -> None:
+    """A malformed CSR pattern (with a valid checksum) is caught before the model changes."""
+    model, masks = masked_net()
+    uri = Path(save_sparse(model, tmp_path / "ck", masks=masks))
+    doc = json.loads((uri / "manifest.json").read_text())
+    entry = doc["tensors"]["6.weight"]
+    path = uri / entry["file"]
+    table = pa.ipc.open_file(pa.py_buffer(path.read_bytes())).read_all()
+    row = table.to_batches()[entry["batch"]]
+    indices = row.column("indices")[0].values.to_numpy().copy()
+    indices[[0, 1]] = indices[[1, 0]]  # no longer strictly increasing in its row
+    columns = [row.column(0), row.column(1), pa.array([indices], row.schema.field(2).type)]
+    batches = [
+        b if i != entry["batch"] else pa.record_batch([*columns, row.column(3)], schema=row.schema)
+        for i, b in enumerate(table.to_batches())
+    ]
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    data = sink.getvalue().to_pybytes()
+    path.write_bytes(data)
+    doc["files"][entry["file"]] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (uri / "manifest.json").write_text(json.dumps(doc))
+    target = small_net()
+    before = {name: t.clone() for name, t in target.state_dict().items()}
+    with pytest.raises(SchemaMismatchError, match=r"'6\.weight'.*not strictly increasing"):
+        load_sparse(uri, model=target)
+    for name, tensor in target.state_dict().items():
+        assert torch.equal(tensor, before[name]), name

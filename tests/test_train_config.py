@@ -31,6 +31,7 @@ from granet_ray.train.state import (
     rng_state,
     seed_everything,
     set_rng_state,
+    worker_seed,
 )
 
 S3 = {"endpoint_url": "http://127.0.0.1:9000", "key": "AK", "secret": "SK"}
@@ -228,3 +229,9 @@ def test_epoch_line() -> None:
         }  # fmt: skip
     )
     assert "epoch   2 step      64" in line and "val loss 0.3000 acc 93.20%" in line
+
+
+def test_worker_seeds_differ_by_rank_and_repeat() -> None:
+    seeds = [worker_seed(7, rank) for rank in range(4)]
+    assert len(set(seeds)) == 4 and seeds == [worker_seed(7, rank) for rank in range(4)]
+    assert worker_seed(8, 0) not in seeds

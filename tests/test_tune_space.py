@@ -47,10 +47,10 @@ def _with(**changes: object) -> dict:
 def test_packaged_grids_expand_in_order_with_stable_names() -> None:
     smoke = expand(load_space("smoke"))
     assert [p.name for p in smoke] == [
-        "rigl_df0.1_dt4_w0-1.5_p0.5_s0",
         "granet-d2s_df0.1_dt4_w0-1.5_p0.5_s0",
-        "rigl_df0.005_dt4_w0-1.5_p0.5_s0",
+        "rigl_df0.1_dt4_w0-1.5_p0.5_s0",
         "granet-d2s_df0.005_dt4_w0-1.5_p0.5_s0",
+        "rigl_df0.005_dt4_w0-1.5_p0.5_s0",
     ]
     paper = load_space("paper")
     assert paper.asha is not None and len(expand(paper)) == 2 * 3 * 2

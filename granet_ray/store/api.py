@@ -211,15 +211,25 @@ def load_sparse(
     storage = open_storage(uri, storage_options)
     manifest = read_manifest(storage)
     targets = _check_model(model, manifest, storage.uri) if model is not None else None
-    optimizer_entries = [
-        value
-        for items in (manifest.optimizer_state or {}).values()
-        for value in items.values()
+    optimizer_entries = {
+        f"optimizer/{param}/{key}": value
+        for param, items in (manifest.optimizer_state or {}).items()
+        for key, value in items.items()
         if isinstance(value, TensorEntry)
-    ]
+    }
+    # CSR weights carry the work: check and decode them in parallel, the small rest in line
+    csr = [name for name, entry in manifest.tensors.items() if entry.format == CSR]
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
         data = read_verified(storage, manifest, pool)
-        decoder = Decoder(storage.uri, data, [*manifest.tensors.values(), *optimizer_entries], pool)
+        entries = [*manifest.tensors.values(), *optimizer_entries.values()]
+        decoder = Decoder(storage.uri, data, entries, pool)
+        # every check passes before anything is written into the model
+        list(pool.map(lambda name: decoder.prepare(name, manifest.tensors[name]), csr))
+        for name, entry in manifest.tensors.items():
+            if entry.format != CSR:
+                decoder.prepare(name, entry)
+        for label, entry in optimizer_entries.items():
+            decoder.check_optimizer(label, entry)
 
         def decode(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
             entry = manifest.tensors[name]
@@ -228,8 +238,6 @@ def load_sparse(
             tensor, mask = decoder.model_tensor(name, entry, layout)
             return tensor.to(device), mask
 
-        # CSR weights carry the work: decode them in parallel, the small dense rest in line
-        csr = [name for name, entry in manifest.tensors.items() if entry.format == CSR]
         decoded = dict(zip(csr, pool.map(decode, csr), strict=True))
     state_dict: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}

@@ -103,6 +103,7 @@ class Decoder:
 
         self.batches = dict(zip(keys, pool.map(decode, keys), strict=True))
         self.patterns: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.prepared: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def _columns(self, entry: TensorEntry, label: str) -> list[np.ndarray]:
         columns = self.batches[entry.file, entry.batch].row(entry.row, label)
@@ -113,18 +114,30 @@ class Decoder:
             )
         return columns
 
-    def _values_and_positions(
-        self, name: str, entry: TensorEntry
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def prepare(self, name: str, entry: TensorEntry) -> None:
+        """Check a model tensor's row (and CSR pattern) and keep its values and positions,
+        so that every check can run before anything is written into a model."""
         columns = self._columns(entry, name)
         if entry.format != CSR:
-            return columns[-1], None
+            self.prepared[name] = (columns[-1], None)
+            return
         indptr, indices, values = columns
         rows, cols = entry.shape
         where = f"{self.uri}/{entry.file} ({name!r})"
         positions = positions_from_pattern(indptr, indices, rows, cols, where)
         self.patterns[name] = (indptr, indices, positions)
-        return values, positions
+        self.prepared[name] = (values, positions)
+
+    def check_optimizer(self, label: str, entry: TensorEntry) -> None:
+        """Check an optimizer state tensor's row without decoding it."""
+        self._columns(entry, label)
+
+    def _values_and_positions(
+        self, name: str, entry: TensorEntry
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if name not in self.prepared:
+            self.prepare(name, entry)
+        return self.prepared[name]
 
     def _tensor(
         self, entry: TensorEntry, values: np.ndarray, owner: str | None, layout: str

@@ -54,9 +54,7 @@ class ProgressDisplay:
 
     def __init__(self, queue: Queue, console: Console, *, title: str = "GraNet") -> None:
         self.queue = queue
-        self.console = console
         self.title = title
-        self.epochs: list[dict[str, Any]] = []
         self._accuracy: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="granet-progress", daemon=True)
@@ -118,7 +116,6 @@ class ProgressDisplay:
                 ),
             )
         elif kind == "epoch":
-            self.epochs.append(event)
             self._accuracy = event["val_accuracy"]
             self._bar.console.print(epoch_line(event), soft_wrap=True)
             self._bar.update(

@@ -51,6 +51,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def worker_seed(seed: int, rank: int) -> int:
+    """A seed for worker ``rank``'s own random draws (data augmentation, data-loader
+    processes), distinct per rank. Mask decisions never use it: the engine draws from
+    generators seeded by (run seed, update, layer) alone."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def checkpoint_metadata(
     *,
     train: TrainConfig,

@@ -130,6 +130,7 @@ def fit(
     the driver shows a live display and a final summary table on ``console`` (default:
     stdout). A configuration error, on the driver or in a worker, raises ``ConfigError``;
     other worker failures raise Ray's ``TrainingFailedError``."""
+    preflight(train, run.num_workers)  # before Ray is contacted (the queue is an actor)
     run = run.replace(name=run.name or run_name(train))
     console = console or _console()
     queue = Queue(actor_options={"num_cpus": 0}) if progress else None

@@ -50,6 +50,7 @@ from granet_ray.train.state import (
     rng_state,
     seed_everything,
     set_rng_state,
+    worker_seed,
 )
 
 
@@ -231,6 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ),
         scaler=torch.amp.GradScaler("cuda") if amp else None,
     )
+    seed_everything(worker_seed(train.seed, rank))  # the same weights, different augmentation
     # Resume from the newest committed checkpoint in the run folder: the one Ray hands out
     # (ray.train.get_checkpoint()) or a newer one that Ray had not registered yet when a
     # worker died (Ray collects reports at its health checks, every 2 s).

@@ -3,9 +3,10 @@
 ``Tuner(driver_fn, param_space={"trial": grid_search(points), "run": ...})``: each trial's
 ``driver_fn`` builds the ``TorchTrainer`` of its point and fits it; the workers' reports
 reach Tune through ``TuneReportCallback``, where ASHA may stop the trial early on validation
-accuracy. A trial's Train run is named after the trial, so a trial restarted after an
-interruption resumes from its last sparse checkpoint; the sweep is named after its space, so
-running the same command again restores it (``Tuner.restore``) and skips finished trials.
+accuracy (against the trials of the same sparsity level: ``asha.LevelASHA``). A trial's
+Train run is named after the trial, so a trial restarted after an interruption resumes from
+its last sparse checkpoint; the sweep is named after its space, so running the same command
+again restores it (``Tuner.restore``) and skips finished trials.
 
 Layout under ``storage_path/<sweep>/``: Tune's state and one folder per trial (``result.json``,
 ...), ``runs/<trial>/checkpoint_epoch_NNNN`` (the trials' sparse checkpoints), ``sweep.json``
@@ -28,12 +29,12 @@ import ray
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
 from rich.console import Console
 
 from granet_ray.config import ConfigError, TrainConfig
 from granet_ray.train import RunSettings, build_trainer
 from granet_ray.train.settings import ray_storage_path, storage_filesystem, storage_uri
+from granet_ray.tune.asha import LevelASHA
 from granet_ray.tune.display import SweepDisplay
 from granet_ray.tune.presets import dump_preset, preset_file_name
 from granet_ray.tune.results import (
@@ -254,16 +255,7 @@ def _new_tuner(
     name: str,
     concurrent: int,
 ) -> tune.Tuner:
-    scheduler = None
-    if space.asha is not None:
-        scheduler = ASHAScheduler(
-            time_attr="epoch",
-            metric="val_accuracy",
-            mode="max",
-            max_t=space.base.epochs,
-            grace_period=space.asha.grace_period,
-            reduction_factor=space.asha.reduction_factor,
-        )
+    scheduler = None if space.asha is None else LevelASHA(space.asha, space.base.epochs)
     return tune.Tuner(
         trainable(run),
         param_space={
