@@ -56,6 +56,7 @@ def _job(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
         ("mnist_demo", ["--train-size", "99999"], "train_size=99999"),
         ("mnist_demo", ["--update-interval", "5000"], "hold no mask update"),
         ("mnist_demo", ["--batch-size", "0"], "batch_size=0 is invalid"),
+        ("mnist_demo", ["--preset-file", "/nonexistent/best.json"], "cannot be read"),
         ("cifar10_resnet20", ["--data-root", "/nonexistent"], "/nonexistent"),
         ("imagenet_resnet50", ["--synthetic", "--lr", "-1"], "lr=-1.0 is invalid"),
         ("imagenet_resnet50", ["--synthetic", "--name", "a/b"], "name='a/b' is invalid"),

@@ -66,6 +66,11 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     recipe.add_argument("--lr", type=float)
     recipe.add_argument("--train-size", type=int, help="use only this many training samples")
     recipe.add_argument("--seed", type=int)
+    recipe.add_argument(
+        "--preset-file",
+        help="a TrainConfig JSON/YAML file (e.g. a sweep's best-density-*.json) replacing the "
+        "job's preset; the other recipe flags still apply on top",
+    )
     recipe.add_argument("--method", choices=METHODS)
     recipe.add_argument("--init-density", type=float, help="d_i (1.0 = dense-to-sparse)")
     recipe.add_argument("--final-density", type=float, help="d_f (0.1 = 90%% sparsity)")
@@ -98,7 +103,11 @@ def with_epochs(train: TrainConfig, epochs: int) -> TrainConfig:
 
 
 def train_config(base: TrainConfig, args: argparse.Namespace) -> TrainConfig:
-    """``base`` (a preset) with every recipe flag that was given applied."""
+    """``base`` (a preset, or ``--preset-file``) with every recipe flag given applied."""
+    if getattr(args, "preset_file", None):
+        from granet_ray.tune.presets import load_preset_file  # no Ray: a YAML/JSON reader
+
+        base = load_preset_file(args.preset_file)
     train = with_epochs(base, args.epochs) if args.epochs is not None else base
     top = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f, None) is not None}
     granet = {f: getattr(args, f) for f in GRANET_FLAGS if getattr(args, f) is not None}
