@@ -193,15 +193,14 @@ def test_ray_job_submit_trains_and_leaves_a_loadable_checkpoint(
 ) -> None:
     flags = ["--epochs", "1", "--train-size", "256", "--batch-size", "32"]
     flags += ["--update-interval", "2", "--storage", str(tmp_path), "--name", "submitted"]
-    result = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python"]
-        + ["jobs/mnist_demo.py", *flags],
-        cwd=ROOT,
-        env=ray_head,
-        capture_output=True,
-        text=True,
-        timeout=480,
-    )
+    command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python"]
+    command += ["jobs/mnist_demo.py", *flags]
+    for _ in range(5):  # the job server answers before the head's job agent is up
+        result = subprocess.run(
+            command, cwd=ROOT, env=ray_head, capture_output=True, text=True, timeout=480
+        )
+        if "No available agent to submit job" not in result.stderr:
+            break
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "succeeded" in result.stdout
     assert "test accuracy of the sparse model" in result.stdout
