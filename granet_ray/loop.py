@@ -58,7 +58,7 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     ``warmup_epochs``, then x ``lr_gamma`` at each epoch of ``lr_milestones``."""
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
-        return (step + 1) / warmup
+        return min(1.0, (step + 1) / warmup)
     milestones = sorted(m * steps_per_epoch for m in cfg.lr_milestones)
     return cfg.lr_gamma ** bisect.bisect_right(milestones, step)
 
