@@ -7,10 +7,12 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +25,13 @@ _NORM_LAYERS = (
     nn.LayerNorm,
     nn.modules.instancenorm._InstanceNorm,
 )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python ``random`` and NumPy with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from granet_ray.loop import (
     build_lr_schedule,
     build_optimizer,
     evaluate,
+    seed_everything,
     train_epoch,
 )
 from granet_ray.models import build_model
@@ -34,12 +34,6 @@ class SingleRunResult:
     accuracy: float
     loss: float
     summary: dict[str, Any]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python and torch (CPU and CUDA) RNGs."""
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train_single(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from granet_ray.config import ConfigError, TrainConfig, preset
+from granet_ray.loop import seed_everything
 from granet_ray.plots import training_plot
 from granet_ray.train import RunSettings, build_trainer
 from granet_ray.train.jobs import common_parser, run_settings, train_config, with_epochs
@@ -29,7 +30,6 @@ from granet_ray.train.state import (
     check_resumable,
     checkpoint_metadata,
     rng_state,
-    seed_everything,
     set_rng_state,
     worker_seed,
 )

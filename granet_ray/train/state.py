@@ -44,13 +44,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), Python ``random`` and NumPy with ``seed``."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def worker_seed(seed: int, rank: int) -> int:
     """A seed for worker ``rank``'s own random draws (data augmentation, data-loader
     processes), distinct per rank. Mask decisions never use it: the engine draws from

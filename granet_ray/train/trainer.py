@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +61,17 @@ class FitOutcome:
     plot_uri: str
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, *, dashboard: bool = False) -> None:
     """Connect this driver to Ray: to ``address`` or ``$RAY_ADDRESS`` (a cluster, or the
     cluster a ``ray job submit`` job runs on), else start a private local Ray instance with
     this machine's CPUs (auth and usage stats off; worker logs stay in Ray's log folder,
-    failures still reach the driver as exceptions)."""
+    failures still reach the driver as exceptions).
+
+    ``dashboard=True`` (sweeps) also starts the local dashboard on a free loopback port: Ray
+    Train gives back the CPUs of a trial that ASHA stopped through the dashboard's state API,
+    so the instance's processes are pointed at their own dashboard
+    (``RAY_API_SERVER_ADDRESS``), which other Ray instances on the machine cannot then be
+    mistaken for."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
@@ -72,7 +79,25 @@ def connect(address: str | None = None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    if not dashboard:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        return
+    port = _free_port()
+    ray.init(
+        address="local",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        log_to_driver=False,
+    )
+
+
+def _free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build_trainer(

@@ -31,6 +31,7 @@ from granet_ray.loop import (
     build_lr_schedule,
     build_optimizer,
     evaluate,
+    seed_everything,
     train_epoch,
 )
 from granet_ray.models import build_model
@@ -48,7 +49,6 @@ from granet_ray.train.state import (
     check_resumable,
     checkpoint_metadata,
     rng_state,
-    seed_everything,
     set_rng_state,
     worker_seed,
 )

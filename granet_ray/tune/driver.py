@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from rich.console import Console
 
 from granet_ray.config import ConfigError, TrainConfig
-from granet_ray.train import RunSettings, build_trainer
+from granet_ray.train import RunSettings, build_trainer, connect
 from granet_ray.train.settings import ray_storage_path, storage_filesystem, storage_uri
 from granet_ray.tune.asha import LevelASHA
 from granet_ray.tune.display import SweepDisplay
@@ -63,38 +62,6 @@ SPACE_FILE = "sweep.json"
 
 # The callbacks of the ``sweep`` call now running, by sweep name (see ``_Relay``).
 _LISTENERS: dict[str, Sequence[tune.Callback]] = {}
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def connect(address: str | None = None) -> None:
-    """Connect this driver to Ray for a sweep: to ``address`` or ``$RAY_ADDRESS`` (a cluster,
-    or the one a ``ray job submit`` job runs on), else start a private local Ray with this
-    machine's CPUs and its dashboard on a free loopback port. Ray Train gives back the CPUs
-    of a trial that ASHA stopped through the dashboard's state API, so the local instance's
-    processes are pointed at their own dashboard (``RAY_API_SERVER_ADDRESS``), which other
-    Ray instances on the same machine cannot then be mistaken for."""
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    port = free_port()
-    ray.init(
-        address="local",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-        log_to_driver=False,
-    )
 
 
 def driver_fn(config: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
@@ -299,7 +266,7 @@ def sweep(
     """
     console = console or Console()
     points = validate(space, run)
-    connect()
+    connect(dashboard=True)
     name = run.name or sweep_name(space, points, run)
     digest = space_digest(space, points, run)
     concurrent = max_concurrent or max_concurrent_trials(ray.cluster_resources(), run)
