@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from granet_ray.sparsity import erk_densities, initial_masks, prunable_parameters
-from granet_ray.store import load_sparse, save_sparse
-from granet_ray.store.seaweedfs import SeaweedFS, start_seaweedfs
+from granet_ray.store import load_sparse, open_storage, save_sparse
+from granet_ray.testing.seaweedfs import SeaweedFS, start_seaweedfs
 
 DENSITIES = (0.2, 0.1, 0.05, 0.02)
 BUCKET = "bench"
@@ -80,10 +80,8 @@ def measure(density: float, work: Path, server: SeaweedFS, repeats: int) -> Row:
     local = str(work / f"sparse-{density}")
     dense_path = work / f"dense-{density}.pt"
     s3_uri = f"s3://{BUCKET}/sparse-{density}"
-    s3_dense = f"{BUCKET}/dense-{density}.pt"
-    import s3fs
-
-    fs = s3fs.S3FileSystem(**options)
+    bucket = open_storage(f"s3://{BUCKET}", options)
+    s3_dense = f"dense-{density}.pt"
     t: dict[str, list[float]] = {
         k: []
         for k in Row.__dataclass_fields__
@@ -93,7 +91,7 @@ def measure(density: float, work: Path, server: SeaweedFS, repeats: int) -> Row:
         timed(lambda: save_sparse(model, local, masks=masks, overwrite=True), t["sparse_save"])
         timed(lambda: torch.save(model.state_dict(), dense_path), t["dense_save"])
     save_sparse(model, s3_uri, masks=masks, storage_options=options, overwrite=True)
-    fs.pipe_file(s3_dense, dense_path.read_bytes())
+    bucket.put(s3_dense, dense_path.read_bytes())
     for _ in range(repeats):
         timed(lambda: load_sparse(local, model=target), t["sparse_load"])
         timed(lambda: torch.load(dense_path), t["dense_load"])
@@ -102,7 +100,7 @@ def measure(density: float, work: Path, server: SeaweedFS, repeats: int) -> Row:
             lambda: load_sparse(s3_uri, model=target, storage_options=options),
             t["sparse_load_s3"],
         )
-        timed(lambda: torch.load(io.BytesIO(fs.cat_file(s3_dense))), t["dense_load_s3"])
+        timed(lambda: torch.load(io.BytesIO(bucket.get(s3_dense))), t["dense_load_s3"])
     for name, tensor in model.state_dict().items():  # the loaded model is the saved one
         assert torch.equal(target.state_dict()[name], tensor), name
     return Row(

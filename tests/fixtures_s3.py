@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from granet_ray.sparsity import initial_masks, prunable_parameters, uniform_densities
-from granet_ray.store.seaweedfs import SeaweedFS, start_seaweedfs
+from granet_ray.testing.seaweedfs import SeaweedFS, start_seaweedfs
 
 S3_TEST_BUCKET = "granet-tests"
 

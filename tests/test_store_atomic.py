@@ -14,11 +14,11 @@ from fixtures_s3 import StorageRoot, masked_net
 
 from granet_ray.store import (
     CheckpointNotFoundError,
-    filesystem,
     latest_checkpoint,
     list_checkpoints,
     load_sparse,
     save_sparse,
+    storage,
 )
 
 
@@ -32,9 +32,9 @@ def _writer(uri: str, options: dict | None, stop: str, marker: Path, model, mask
         marker.touch()
         time.sleep(600)
 
-    def write_one_file(self: filesystem.Storage, files: dict[str, bytes]) -> None:
+    def write_one_file(self: storage.Storage, files: dict[str, bytes]) -> None:
         name, data = next(iter(files.items()))
-        if isinstance(self, filesystem.LocalStorage):
+        if isinstance(self, storage.LocalStorage):
             os.makedirs(self.location.path, exist_ok=True)
             with open(os.path.join(self.location.path, name), "wb") as f:
                 f.write(data[: len(data) // 2])
@@ -43,10 +43,10 @@ def _writer(uri: str, options: dict | None, stop: str, marker: Path, model, mask
         hang()
 
     if stop == "data":
-        filesystem.LocalStorage.write = write_one_file
-        filesystem.S3Storage.write = write_one_file
+        storage.LocalStorage.write = write_one_file
+        storage.S3Storage.write = write_one_file
     else:
-        filesystem.os.replace = hang
+        storage.os.replace = hang
     save_sparse(
         model, uri, masks=masks, metadata={"step": 2}, overwrite=True, storage_options=options
     )

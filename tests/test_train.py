@@ -18,7 +18,7 @@ from rich.console import Console
 
 from granet_ray.config import preset
 from granet_ray.store import SparseCheckpoint, latest_checkpoint, list_checkpoints, load_sparse
-from granet_ray.store.seaweedfs import SeaweedFS
+from granet_ray.testing.seaweedfs import SeaweedFS
 from granet_ray.train import CrashAt, FitOutcome, RunSettings, build_trainer, fit
 from granet_ray.train.jobs import evaluate_checkpoint
 

@@ -2,6 +2,8 @@
 
 Format: docs/checkpoint-format.md. Entry points: ``save_sparse``, ``load_sparse``,
 ``list_checkpoints``, ``latest_checkpoint``; every failure is a ``CheckpointError``.
+``open_storage(uri, storage_options)`` gives the ``Storage`` everything else a run writes goes
+through (plain objects, the storage probe, Ray Train's pyarrow filesystem).
 """
 
 from granet_ray.store.api import (
@@ -32,6 +34,7 @@ from granet_ray.store.errors import (
 )
 from granet_ray.store.format import FORMAT_VERSION
 from granet_ray.store.optimizer import optimizer_state_by_name, optimizer_state_from_names
+from granet_ray.store.storage import Storage, open_storage
 
 __all__ = [
     "FORMAT_VERSION",
@@ -48,6 +51,7 @@ __all__ = [
     "ModelMismatchError",
     "SchemaMismatchError",
     "SparseCheckpoint",
+    "Storage",
     "StorageAuthError",
     "StorageError",
     "StorageUnreachableError",
@@ -56,6 +60,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_sparse",
+    "open_storage",
     "optimizer_state_by_name",
     "optimizer_state_from_names",
     "save_sparse",

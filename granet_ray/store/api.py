@@ -29,7 +29,6 @@ from granet_ray.store.errors import (
     InvalidInputError,
     ModelMismatchError,
 )
-from granet_ray.store.filesystem import Storage, open_storage
 from granet_ray.store.format import CSR, MANIFEST_NAME, MAX_MANIFEST_BYTES
 from granet_ray.store.manifest import (
     FileEntry,
@@ -39,6 +38,7 @@ from granet_ray.store.manifest import (
     parse_manifest,
     utc_now,
 )
+from granet_ray.store.storage import Storage, open_storage
 
 LAYOUTS = ("dense", "csr")
 DECODE_THREADS = min(4, os.cpu_count() or 1)

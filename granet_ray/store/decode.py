@@ -16,24 +16,27 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from granet_ray.store.arrow_files import (
+from granet_ray.store.codec import (
     BatchView,
     array_to_tensor,
     dtype_name,
+    mask_from_positions,
     open_file,
+    positions_from_pattern,
     read_batch,
+    scatter,
+    sparse_csr,
     tensor_to_array,
 )
-from granet_ray.store.csr import mask_from_positions, positions_from_pattern, scatter, sparse_csr
 from granet_ray.store.errors import (
     ChecksumMismatchError,
     MissingFileError,
     SchemaMismatchError,
     TruncatedFileError,
 )
-from granet_ray.store.filesystem import Storage
 from granet_ray.store.format import CSR, MANIFEST_NAME, csr_schema, values_schema
 from granet_ray.store.manifest import Manifest, TensorEntry
+from granet_ray.store.storage import Storage
 
 
 def _verify(where: str, data: bytes | None, size: int, sha256: str) -> bytes:

@@ -16,8 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from granet_ray.store.arrow_files import Row, dtype_name, encode_file, tensor_to_array
-from granet_ray.store.csr import active_values, mask_positions, matrix_shape, pattern_arrays
+from granet_ray.store.codec import (
+    Row,
+    active_values,
+    dtype_name,
+    encode_file,
+    mask_positions,
+    matrix_shape,
+    pattern_arrays,
+    tensor_to_array,
+)
 from granet_ray.store.errors import InvalidInputError
 from granet_ray.store.format import (
     CSR,

@@ -10,7 +10,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from granet_ray.store.api import load_sparse
 from granet_ray.store.errors import CheckpointExistsError, InvalidURIError
-from granet_ray.store.filesystem import Location, open_storage, parse_uri
+from granet_ray.store.storage import Location, open_storage, parse_uri
 
 
 def export_safetensors(

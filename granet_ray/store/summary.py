@@ -1,18 +1,21 @@
-"""What a checkpoint holds, from its manifest alone: per-tensor density and stored bytes."""
+"""What a checkpoint holds, from its manifest: per-tensor density and stored bytes, after
+checking every data file against the manifest (size and sha256) unless told not to."""
 
 from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from granet_ray.store.api import manifest_data
-from granet_ray.store.filesystem import open_storage
+from granet_ray.store.api import DECODE_THREADS, manifest_data
+from granet_ray.store.decode import read_verified
 from granet_ray.store.format import MANIFEST_NAME, TORCH_DTYPES
 from granet_ray.store.manifest import TensorEntry, parse_manifest
+from granet_ray.store.storage import open_storage
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,23 @@ def _element_size(dtype: str) -> int:
 
 
 def summarize(
-    uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+    uri: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    verify: bool = True,
 ) -> CheckpointSummary:
-    """Summarize a committed checkpoint from its manifest (data files are not read)."""
+    """Summarize a committed checkpoint from its manifest.
+
+    verify: first read every data file and check its byte size and sha256 against the manifest,
+        as ``load_sparse`` does (MissingFileError, TruncatedFileError, ChecksumMismatchError);
+        False reads the manifest only.
+    """
     storage = open_storage(uri, storage_options)
     data = manifest_data(storage)
     manifest = parse_manifest(data, f"{storage.uri}/{MANIFEST_NAME}")
+    if verify:
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:
+            read_verified(storage, manifest, pool)
     tensors = []
     for name, entry in manifest.tensors.items():
         numel = math.prod(entry.tensor_shape)

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from granet_ray.store.errors import StorageError
+from granet_ray.store import StorageError, open_storage
+from granet_ray.store.storage import make_bucket
 
 ACCESS_KEY = "granet-test-key"
 SECRET_KEY = "granet-test-secret"
+PROBE_BUCKET = "granet-probe"  # created at start-up: the server answers S3 requests
 
 # weed mini's listeners, each given its own free port so that servers never collide.
 _PORT_FLAGS = (
@@ -83,24 +85,15 @@ class SeaweedFS:
         }
 
     def pyarrow_filesystem(self) -> Any:
-        """A ``pyarrow.fs.S3FileSystem`` for this endpoint (e.g. Ray's storage_filesystem)."""
-        from pyarrow import fs
-
-        host = self.endpoint_url.removeprefix("http://")
-        return fs.S3FileSystem(
-            access_key=self.access_key,
-            secret_key=self.secret_key,
-            endpoint_override=host,
-            scheme="http",
-        )
+        """A ``pyarrow.fs.S3FileSystem`` for this endpoint (e.g. Ray's storage_filesystem),
+        built by the store from ``storage_options`` (this package imports no pyarrow.fs)."""
+        fs, _ = open_storage(f"s3://{PROBE_BUCKET}", self.storage_options).arrow_filesystem()
+        assert fs is not None  # storage_options are given
+        return fs
 
     def make_bucket(self, bucket: str) -> None:
         """Create a bucket (no error if it exists)."""
-        import s3fs
-
-        fs = s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
-        if not fs.exists(bucket):
-            fs.mkdir(bucket)
+        make_bucket(bucket, self.storage_options)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server by its PID: SIGTERM, then SIGKILL after ``timeout_s``."""
@@ -156,7 +149,7 @@ def start_seaweedfs(data_dir: str | os.PathLike[str], timeout_s: float = 60.0) -
         if process.poll() is not None:
             raise StorageError(f"weed mini exited with {process.returncode}; see {log_path}")
         try:
-            server.make_bucket("granet-probe")
+            server.make_bucket(PROBE_BUCKET)
             return server
         except Exception as exc:  # not up yet: connection refused or 5xx while starting
             if time.monotonic() > deadline:

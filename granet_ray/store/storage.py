@@ -1,14 +1,18 @@
-"""Where checkpoints live: URI parsing and a flat-directory storage on local disk or S3.
+"""The only storage code: URI parsing, and one directory on local disk or S3.
 
-A ``Storage`` is one directory (local folder or S3 prefix). Data files are written once under
-fresh names; ``commit`` replaces a file atomically (local: temp file, fsync, os.replace, fsync of
-the directory; S3: a single PUT). S3 goes through fsspec / s3fs; its failures become typed
-errors that carry the URI and the endpoint.
+A ``Storage`` is one directory (local folder or S3 prefix) with two kinds of use. Checkpoints:
+data files are written once under fresh names (``write``), ``commit`` replaces a file
+atomically (local: temp file, fsync, os.replace, fsync of the directory; S3: a single PUT).
+Plain objects (history, plots, sweep results): ``put`` / ``get`` / ``list`` / ``delete`` by
+relative POSIX name. ``probe`` checks a storage before a run uses it, and ``arrow_filesystem``
+gives Ray Train the same storage as a pyarrow filesystem. S3 goes through fsspec / s3fs; its
+failures become typed errors that carry the URI and the endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import re
 import secrets
@@ -17,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from granet_ray.store.errors import (
@@ -29,7 +33,22 @@ from granet_ray.store.errors import (
     StorageUnreachableError,
 )
 
+if TYPE_CHECKING:
+    import pyarrow.fs
+
 BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
+# commit's temp files (".<name>.<12 hex>.tmp"): never listed as objects
+TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+PROBE_BYTES = b"granet-ray storage probe\n"
+# Bounds for probe(): a dead endpoint fails in seconds instead of minutes of retries. Seconds;
+# max_attempts counts the first try. The caller's own config_kwargs win key by key.
+PROBE_CONFIG: dict[str, Any] = {
+    "connect_timeout": 3,
+    "read_timeout": 5,
+    "retries": {"max_attempts": 2},
+}
+# s3fs options that only tune the s3fs client: not carried over to pyarrow's S3FileSystem.
+S3FS_ONLY_OPTIONS = frozenset({"config_kwargs", "use_listings_cache", "skip_instance_cache"})
 
 
 @dataclass(frozen=True)
@@ -93,8 +112,21 @@ def parse_uri(uri: str | os.PathLike[str]) -> Location:
     )
 
 
+def object_name(name: Any, where: str) -> str:
+    """A plain object's name: a relative POSIX path ("a/b.json") that stays inside ``where``;
+    InvalidURIError otherwise."""
+    segments = name.split("/") if isinstance(name, str) else [""]
+    if any(s in ("", ".", "..") for s in segments) or "\\" in name or "\x00" in name:
+        raise InvalidURIError(
+            f"invalid object name {name!r} under {where}: expected a relative POSIX path "
+            "without empty, '.' or '..' segments, '\\' or NUL"
+        )
+    return name
+
+
 class Storage(ABC):
-    """One checkpoint directory; names are plain file names inside it."""
+    """One directory. Checkpoint primitives take plain file names (``scan`` and ``read`` also
+    take "sub/dir/name"); the plain-object methods take relative POSIX names."""
 
     def __init__(self, location: Location) -> None:
         self.location = location
@@ -121,13 +153,53 @@ class Storage(ABC):
         """Atomically create or replace one file: readers see the old or the new bytes."""
 
     @abstractmethod
-    def remove(self, names: list[str]) -> None:
+    def remove(self, names: builtins.list[str]) -> None:
         """Delete files; missing ones are ignored."""
 
     @abstractmethod
     def scan(self, marker: str) -> dict[str, dict[str, int]]:
         """Sub-directories (relative POSIX paths, '' = this one) holding a file named
         ``marker``, each with the byte sizes of its files."""
+
+    def put(self, name: str, data: bytes) -> None:
+        """Atomically create or replace the object ``name`` (sub-folders made as needed)."""
+        parent, _, base = object_name(name, self.uri).rpartition("/")
+        self.sub(parent).commit(base, data)
+
+    @abstractmethod
+    def get(self, name: str) -> bytes | None:
+        """The whole object ``name``, None when it does not exist."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Delete the object ``name``; a missing one is fine."""
+
+    @abstractmethod
+    def probe(self) -> None:
+        """Prove the storage is reachable, accepts the credentials and is writable, by writing
+        and deleting a small uniquely named object. Raises StorageUnreachableError,
+        StorageAuthError, BucketNotFoundError or StorageError naming the URI and endpoint."""
+
+    @abstractmethod
+    def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem | None, str]:
+        """(filesystem, path) for Ray Train's ``RunConfig(storage_filesystem=...,
+        storage_path=...)``, from the same storage options; None: Ray resolves the path."""
+
+    @abstractmethod
+    def uri_of(self, path: str) -> str:
+        """The store URI of a path on ``arrow_filesystem()`` as Ray reports it."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        """Names (relative POSIX paths, recursive, sorted) of the objects under this
+        directory whose name starts with ``prefix``."""
+
+    def _list_base(self, prefix: str) -> str:
+        """The deepest directory (relative, '' = this one) holding every name of ``prefix``."""
+        if not isinstance(prefix, str):
+            raise InvalidURIError(f"invalid prefix {prefix!r} under {self.uri}: not a string")
+        base = prefix.rpartition("/")[0]
+        return object_name(base, self.uri) if base else ""
 
 
 class LocalStorage(Storage):
@@ -202,6 +274,52 @@ class LocalStorage(Storage):
                 found["" if relative == "." else relative.replace(os.sep, "/")] = sizes
         return found
 
+    def get(self, name: str) -> bytes | None:
+        path = os.path.join(self.location.path, *object_name(name, self.uri).split("/"))
+        with self._errors("read"):
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
+
+    def delete(self, name: str) -> None:
+        path = os.path.join(self.location.path, *object_name(name, self.uri).split("/"))
+        with self._errors("delete files"), suppress(FileNotFoundError, NotADirectoryError):
+            os.remove(path)
+
+    def probe(self) -> None:
+        path = os.path.join(self.location.path, f".granet-probe-{secrets.token_hex(6)}")
+        try:
+            os.makedirs(self.location.path, exist_ok=True)
+            with open(path, "xb") as f:
+                f.write(PROBE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+            os.remove(path)
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename not in (None, self.uri) else ""
+            raise StorageError(
+                f"cannot write to {self.uri} (local disk): {exc.strerror or exc}{where}"
+            ) from None
+
+    def arrow_filesystem(self) -> tuple[None, str]:
+        return None, self.location.path
+
+    def uri_of(self, path: str) -> str:
+        return parse_uri(path).uri
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        base = self._list_base(prefix)
+        top = self.location.child(base).path
+        names = []
+        with self._errors("list files"):
+            for dirpath, _, filenames in os.walk(top):
+                relative = os.path.relpath(dirpath, self.location.path).replace(os.sep, "/")
+                folder = "" if relative == "." else f"{relative}/"
+                names += [folder + f for f in filenames if not TEMP_RE.match(f)]
+        return sorted(n for n in names if n.startswith(prefix))
+
 
 def _endpoint(options: dict[str, Any]) -> str:
     client = options.get("client_kwargs") or {}
@@ -219,7 +337,7 @@ def s3_error(exc: BaseException, uri: str, endpoint: str) -> CheckpointError | N
     import aiohttp
     import botocore.exceptions as bex
 
-    detail = str(exc) or type(exc).__name__
+    detail = " ".join(str(exc).split()) or type(exc).__name__  # one line
     cause = exc.__cause__
     code = ""
     if isinstance(cause, bex.ClientError):
@@ -262,15 +380,17 @@ def s3_error(exc: BaseException, uri: str, endpoint: str) -> CheckpointError | N
 
 
 class S3Storage(Storage):
-    """An S3 prefix, through s3fs (credentials from ``storage_options`` or the AWS defaults)."""
+    """An S3 prefix, through s3fs (credentials from ``storage_options`` or the AWS defaults).
+    ``options``: the caller's storage_options, kept for ``probe`` and ``arrow_filesystem``."""
 
-    def __init__(self, location: Location, fs: Any, endpoint: str) -> None:
+    def __init__(self, location: Location, fs: Any, endpoint: str, options: dict[str, Any]) -> None:
         super().__init__(location)
         self.fs = fs
         self.endpoint = endpoint
+        self.options = options
 
     def sub(self, relative: str) -> S3Storage:
-        return S3Storage(self.location.child(relative), self.fs, self.endpoint)
+        return S3Storage(self.location.child(relative), self.fs, self.endpoint, self.options)
 
     def _key(self, name: str) -> str:
         return f"{self.location.path}/{name}"
@@ -281,14 +401,19 @@ class S3Storage(Storage):
             raise mapped from None
 
     @contextmanager
-    def _errors(self) -> Iterator[None]:
+    def _errors(self, missing_ok: bool = False) -> Iterator[None]:
+        """Typed errors for everything s3fs raises; a plain missing key passes when
+        ``missing_ok`` (the block is then cut short)."""
         try:
             yield
         except CheckpointError:
             raise
         except Exception as exc:  # s3fs and botocore raise many unrelated types
             self._raise(exc)
-            raise StorageError(f"S3 object not found under {self.uri}: {exc}") from None
+            if not missing_ok:
+                raise StorageError(
+                    f"S3 object not found under {self.uri} at {self.endpoint}: {exc}"
+                ) from None
 
     def read(self, names: dict[str, int]) -> dict[str, bytes | None]:
         keys = [self._key(n) for n in names]
@@ -332,6 +457,82 @@ class S3Storage(Storage):
             by_dir.setdefault(parent, {})[name] = int(info.get("size", 0))
         return {d: sizes for d, sizes in by_dir.items() if marker in sizes}
 
+    def get(self, name: str) -> bytes | None:
+        key = self._key(object_name(name, self.uri))
+        with self._errors(missing_ok=True):
+            return bytes(self.fs.cat_file(key))
+        return None
+
+    def delete(self, name: str) -> None:
+        key = self._key(object_name(name, self.uri))
+        with self._errors(missing_ok=True):
+            self.fs.rm_file(key)
+
+    def probe(self) -> None:
+        config = {**PROBE_CONFIG, **(self.options.get("config_kwargs") or {})}
+        bounded = {**self.options, "config_kwargs": config, "skip_instance_cache": True}
+        fs = _s3fs(self.location, bounded)
+        fs.retries = 1  # s3fs's own retry loop on top of botocore's (attempts)
+        storage = S3Storage(self.location, fs, self.endpoint, self.options)
+        name = f".granet-probe-{secrets.token_hex(6)}"
+        storage.get(name)  # a missing bucket answers NoSuchBucket (some servers create one on PUT)
+        storage.commit(name, PROBE_BYTES)
+        storage.delete(name)
+
+    def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem | None, str]:
+        if not self.options:
+            return None, self.uri
+        import pyarrow.fs
+
+        options = dict(self.options)
+        client = dict(options.pop("client_kwargs", None) or {})
+        endpoint = options.pop("endpoint_url", None) or client.pop("endpoint_url", None)
+        key, secret, token = (options.pop(k, None) for k in ("key", "secret", "token"))
+        kwargs: dict[str, Any] = {}
+        if key is not None:  # else the AWS default chain, as for s3fs
+            kwargs.update(access_key=key, secret_key=secret, session_token=token)
+        if options.pop("anon", False):
+            kwargs["anonymous"] = True
+        if "region_name" in client:
+            kwargs["region"] = client.pop("region_name")
+        if endpoint:
+            parsed = urlsplit(endpoint)
+            kwargs["endpoint_override"] = parsed.netloc or parsed.path
+            kwargs["scheme"] = parsed.scheme or "https"
+        unknown = sorted(set(options) - S3FS_ONLY_OPTIONS)
+        unknown += [f"client_kwargs.{k}" for k in sorted(client)]
+        if unknown:
+            raise InvalidURIError(
+                f"storage_options {unknown} for {self.uri} have no pyarrow S3FileSystem "
+                "equivalent (Ray's storage_filesystem)"
+            )
+        try:
+            return pyarrow.fs.S3FileSystem(**kwargs), self.location.path
+        except (TypeError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+            raise InvalidURIError(f"invalid storage_options for {self.uri}: {exc}") from None
+
+    def uri_of(self, path: str) -> str:
+        return parse_uri(path if "://" in path else "s3://" + path.lstrip("/")).uri
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        base = self._list_base(prefix)
+        root = self.location.path
+        with self._errors(missing_ok=True):
+            keys = self.fs.find(self.location.child(base).path)
+            names = [k[len(root) + 1 :] for k in keys if k.startswith(root + "/")]
+            return sorted(n for n in names if n.startswith(prefix) and not n.endswith("/"))
+        return []
+
+
+def _s3fs(location: Location, options: dict[str, Any]) -> Any:
+    """An ``s3fs.S3FileSystem`` for ``options``; InvalidURIError naming the URI if refused."""
+    import s3fs
+
+    try:
+        return s3fs.S3FileSystem(**{"use_listings_cache": False, **options})
+    except (TypeError, ValueError) as exc:
+        raise InvalidURIError(f"invalid storage_options for {location.uri}: {exc}") from None
+
 
 def open_storage(
     uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
@@ -348,12 +549,17 @@ def open_storage(
         return LocalStorage(location)
     if storage_options is not None and not isinstance(storage_options, dict):
         raise InvalidURIError(f"storage_options must be a dict, got {type(storage_options)}")
-    import s3fs
+    options = dict(storage_options or {})
+    return S3Storage(location, _s3fs(location, options), _endpoint(options), options)
 
-    options = {"use_listings_cache": False, **(storage_options or {})}
-    endpoint = _endpoint(options)
-    try:
-        fs = s3fs.S3FileSystem(**options)
-    except (TypeError, ValueError) as exc:
-        raise InvalidURIError(f"invalid storage_options for {location.uri}: {exc}") from None
-    return S3Storage(location, fs, endpoint)
+
+def make_bucket(bucket_or_uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Create an S3 bucket, given by name or as ``s3://bucket[/...]`` (no error if it exists)."""
+    uri = bucket_or_uri if "://" in bucket_or_uri else f"s3://{bucket_or_uri}"
+    storage = open_storage(uri, storage_options)
+    if not isinstance(storage, S3Storage):
+        raise InvalidURIError(f"make_bucket needs an S3 bucket, got {bucket_or_uri!r}")
+    bucket = storage.location.path.split("/", 1)[0]
+    with storage._errors():
+        if not storage.fs.exists(bucket):
+            storage.fs.mkdir(bucket)
