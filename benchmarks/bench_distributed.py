@@ -7,11 +7,15 @@
    may be using its cores) and for plain synchronous DDP without Ray (single-thread
    processes in lockstep: each waits for the slower one at every gradient all-reduce).
 2. Mask-update cost: one synchronized mask update (score all-reduce + prune + regrow +
-   fingerprint check + re-masking, i.e. ``engine.step()`` on an update step) / one training
+   exact mask check + re-masking, i.e. ``engine.step()`` on an update step) / one training
    step (forward, backward, DDP all-reduce, optimizer step, ``engine.step()``), 2 gloo
    processes. Goal <= 1.0.
+3. Exact mask check on ResNet-50 masks (spec section 5: bit-packed masks, one all-reduce
+   MAX of them and their complement): seconds of ``DistributedSync.check`` per update and
+   relative to one ResNet-50 DDP training step at batch 2 x 224 x 224, 2 gloo processes.
 
     .venv/bin/python benchmarks/bench_distributed.py
+    .venv/bin/python benchmarks/bench_distributed.py --check-only   # part 3 alone (~1 min)
 """
 
 from __future__ import annotations
@@ -28,24 +32,27 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from granet_ray.config import GraNetConfig, preset
-from granet_ray.distributed import DistributedSync
+from granet_ray.config import GraNetConfig, RunSettings, preset
+from granet_ray.distributed import DistributedSync, pack_masks
 from granet_ray.models import build_model
 from granet_ray.sparsity import GraNet
 
 BATCH = 64
 UPDATE_STEPS = 60  # training steps in the update-cost measurement (update every 5)
+CHECK_BATCH = 2  # ResNet-50 samples per process in the check-cost reference step
+CHECK_REPEATS = 5
 
 
 def throughput(num_workers: int, storage: str) -> float:
     """Samples per second of the best epoch after the first (the machine is shared: the best
-    epoch is the one least disturbed) of a short run on ``num_workers`` workers."""
-    from granet_ray.train import RunSettings, fit
+    epoch is the one least disturbed) of a short run on ``num_workers`` workers, each taking
+    ``BATCH`` samples of every global step (weak scaling)."""
+    from granet_ray.train import fit
 
     train = preset("mnist_demo").replace(
         epochs=4,
         train_size=2048,
-        batch_size=BATCH,
+        global_batch=BATCH * num_workers,
         lr_milestones=(),
         granet={"prune_end": 1, "update_interval": 8},
     )
@@ -127,7 +134,68 @@ def update_cost(model_name: str, out: str) -> tuple[float, float]:
     return update, step
 
 
+def _check_cost(rank: int, port: int, out: str) -> None:
+    """On one of two gloo processes: ResNet-50 at d_i = 0.5 (ERK), the median seconds of the
+    exact mask check and of a DDP training step at batch CHECK_BATCH (written to ``out``)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(build_model("resnet50"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        config = preset("imagenet_resnet50").granet
+        engine = GraNet(model, optimizer, config, total_steps=100_000, steps_per_epoch=1000)
+        sync = DistributedSync()
+        sync.check(engine.masks, 0)  # warm-up
+        checks = []
+        for step in range(CHECK_REPEATS):
+            start = time.perf_counter()
+            sync.check(engine.masks, step)
+            checks.append(time.perf_counter() - start)
+        data = torch.Generator().manual_seed(rank)
+        steps = []
+        for _ in range(3):
+            inputs = torch.randn(CHECK_BATCH, 3, 224, 224, generator=data)
+            targets = torch.randint(0, 1000, (CHECK_BATCH,), generator=data)
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+            engine.step()
+            steps.append(time.perf_counter() - start)
+        result = {
+            "check": statistics.median(checks),
+            "step": statistics.median(steps[1:]),
+            "weights": sum(m.numel() for m in engine.masks.values()),
+            "bytes": pack_masks(engine.masks)[0].numel(),
+        }
+        torch.save(result, f"{out}/check-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def check_cost(out: str) -> str:
+    """The exact mask check's cost on ResNet-50 masks, worst rank, as one printed line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_check_cost, args=(port, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}/check-{r}.pt") for r in range(2)]
+    check = max(r["check"] for r in ranks)
+    step = max(r["step"] for r in ranks)
+    return (
+        f"exact mask check, ResNet-50 ({ranks[0]['weights'] / 1e6:.1f} M prunable weights, "
+        f"{ranks[0]['bytes'] / 1e6:.1f} MB packed, 2 gloo processes): {check * 1e3:.1f} ms per "
+        f"update = {check / step:.3f} of one training step at batch {CHECK_BATCH} x 224 x 224 "
+        f"({step:.2f} s)"
+    )
+
+
 def main() -> int:
+    if "--check-only" in sys.argv[1:]:
+        with tempfile.TemporaryDirectory(prefix="granet-bench-") as tmp:
+            print(check_cost(tmp))
+        return 0
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -142,6 +210,7 @@ def main() -> int:
                 f"{steps[model_name] * 1e3:6.1f} ms = {update / steps[model_name]:.2f}  "
                 "(goal <= 1.0)"
             )
+        print(check_cost(tmp))
         alone_one, alone_two = ceiling(1, tmp), ceiling(2, tmp)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:

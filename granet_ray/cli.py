@@ -1,32 +1,448 @@
-"""The ``granet-ray`` command: command groups, e.g. ``granet-ray ckpt inspect URI``.
+"""The ``granet-ray`` command line, the one set of flags every job in ``jobs/`` uses:
 
-Each group registers its sub-commands with ``add_<group>_commands``; every command is a
-function ``(args, console) -> exit code``. Errors of the package print one red line and exit 2.
+    granet-ray train ...          a run in this process (no Ray)
+    granet-ray fit ...            a run on Ray Train workers
+    granet-ray sweep ...          a Ray Tune sweep over GraNet schedules
+    granet-ray ckpt inspect URI   a checkpoint's tensors (verified)
+    granet-ray ckpt export URI OUT
+
+Flag groups (each flag has one default and one meaning everywhere, also in grid files):
+recipe (preset, model, data, schedule), scale (workers and failures), storage, output.
+Everything is checked before Ray starts: configuration, data the driver can see and the
+storage (reachable, credentials accepted, writable). Errors print one line ``error: ...``
+and exit non-zero (2: bad input, 1: the run failed); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
-from granet_ray.config import ConfigError
+from granet_ray.config import (
+    METHODS,
+    PRECISIONS,
+    PRESETS,
+    PRUNE_SCOPES,
+    ConfigError,
+    RunSettings,
+    TrainConfig,
+    changes,
+    default_storage_path,
+    load_preset_file,
+    preset,
+    rescale,
+)
 from granet_ray.store.errors import CheckpointError
+from granet_ray.ui import console as default_console
+
+# A sweep trial's Tune driver holds this many CPUs beside its Train workers (Tune refuses 0).
+TRIAL_DRIVER_CPU = 0.01
+# --synthetic: random images in the dataset's shape, a smoke-sized run unless flags say more.
+SMOKE = {"train_size": 64, "epochs": 2, "global_batch": 16, "update_interval": 2}
+# Recipe flags that set a TrainConfig field of the same name, and the GraNet ones.
+TRAIN_FIELDS = (
+    "model",
+    "data_root",
+    "train_size",
+    "max_batch_per_worker",
+    "lr",
+    "seed",
+    "precision",
+)
+GRANET_FIELDS = (
+    "method",
+    "init_density",
+    "final_density",
+    "update_interval",
+    "prune_scope",
+    "regrow_fraction",
+)
+GRID_FIELDS = (
+    "method",
+    "init_density",
+    "final_density",
+    "update_interval",
+    "prune_window",
+    "regrow_fraction",
+)
 
 
-def _bytes(count: int) -> str:
-    """Decimal human-readable size: 980 B, 12.3 kB, 4.5 MB, 1.2 GB."""
-    value = float(count)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
+def _workers(text: str) -> tuple[int, int]:
+    """``N`` (fixed) or ``MIN:MAX`` (elastic) workers."""
+    low, sep, high = text.partition(":")
+    try:
+        return (int(low), int(high)) if sep else (int(low), int(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN:MAX (e.g. 2 or 2:8)") from None
+
+
+def _window(text: str) -> list[float]:
+    start, sep, end = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return [float(start), float(end)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not START:END (epochs, e.g. 0:1.5)"
+        ) from None
+
+
+# ---- flag groups ----------------------------------------------------------------------------
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, *, grid: bool = False) -> None:
+    """Model, data and schedule flags (defaults: the preset's). With ``grid`` (a sweep) the
+    schedule flags take several values, each replacing the grid file's list."""
+    g = parser.add_argument_group(
+        "recipe (defaults: the preset's" + (" or grid file's)" if grid else ")")
+    )
+    many: dict[str, Any] = {"nargs": "+"} if grid else {}
+    g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings to start from")
+    g.add_argument(
+        "--preset-file",
+        help="a TrainConfig JSON/YAML file (e.g. a sweep's "
+        "best-density-*.json) instead of --preset",
+    )
+    g.add_argument("--model", help="replace the preset's model (e.g. vgg19_bn)")
+    g.add_argument("--data-root", help="the dataset's folder (cifar10, imagenet)")
+    g.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random images in the dataset's shape: a smoke run of "
+        f"{SMOKE['train_size']} samples, {SMOKE['epochs']} epochs, global batch "
+        f"{SMOKE['global_batch']} unless those flags are given",
+    )
+    g.add_argument("--train-size", type=int, help="use only this many training samples")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        help="train this many epochs; the epoch-based schedule "
+        "(pruning window, LR milestones, warm-up) is scaled to match, and a shorter "
+        "run's update interval too",
+    )
+    g.add_argument(
+        "--global-batch",
+        type=int,
+        help="samples per optimizer step over all "
+        "workers; another value than the preset's scales the LR linearly and the "
+        "update interval inversely",
+    )
+    g.add_argument(
+        "--max-batch-per-worker",
+        type=int,
+        help="the most one worker's forward pass takes; more is accumulated",
+    )
+    g.add_argument("--lr", type=float, help="the learning rate (after --global-batch scaling)")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="autocast precision (auto: bf16 or fp16 on GPUs, fp32 on the CPU)",
+    )
+    g.add_argument(
+        "--no-channels-last",
+        action="store_true",
+        help="keep conv nets on CUDA in the default memory format",
+    )
+    g.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across workers")
+    if grid:
+        g.add_argument("--seeds", nargs="+", type=int, help="one trial per seed")
+    else:
+        g.add_argument("--seed", type=int)
+    g.add_argument("--method", choices=list(METHODS), **many)
+    g.add_argument(
+        "--init-density", type=float, metavar="D_I", help="d_i (1.0 = dense-to-sparse)", **many
+    )
+    g.add_argument(
+        "--final-density", type=float, metavar="D_F", help="d_f (0.1 = 90%% sparsity)", **many
+    )
+    g.add_argument(
+        "--update-interval",
+        type=int,
+        metavar="STEPS",
+        help="global optimizer steps between mask updates",
+        **many,
+    )
+    g.add_argument(
+        "--prune-window",
+        type=_window,
+        metavar="START:END",
+        help="gradual pruning window in epochs",
+        **many,
+    )
+    g.add_argument(
+        "--regrow-fraction",
+        type=float,
+        metavar="P0",
+        help="initial regeneration fraction (default: the method's)",
+        **many,
+    )
+    if not grid:
+        g.add_argument(
+            "--prune-scope",
+            choices=PRUNE_SCOPES,
+            help="global or per-layer pruning (default: the method's)",
+        )
+
+
+def add_scale_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """Where a run executes: Ray workers, resources, failures."""
+    g = parser.add_argument_group("scale" + (" (per trial)" if sweep else ""))
+    g.add_argument(
+        "--num-workers",
+        type=_workers,
+        default=(1, 1),
+        metavar="N|MIN:MAX",
+        help="Ray Train workers of a run; MIN:MAX trains elastically between the two",
+    )
+    g.add_argument("--min-workers", type=int, help="elastic: the fewest workers a run goes on with")
+    g.add_argument("--max-workers", type=int, help="elastic: the most workers a run grows to")
+    g.add_argument(
+        "--resize-interval",
+        type=float,
+        default=60.0,
+        help="elastic: seconds between checks for capacity to grow",
+    )
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="> 0: CUDA and NCCL")
+    g.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="CPUs of each worker (default 1, less "
+        f"the {TRIAL_DRIVER_CPU} a sweep trial's driver holds); also sets its "
+        "data-loader processes to this minus one",
+    )
+    g.add_argument(
+        "--max-failures",
+        type=int,
+        default=1,
+        help="worker-group failures a run recovers from (-1: no limit)",
+    )
+    g.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    if sweep:
+        g.add_argument(
+            "--max-concurrent",
+            type=int,
+            help="trials at once (default: as many as the cluster holds)",
+        )
+
+
+def add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    """Where runs store checkpoints and results."""
+    g = parser.add_argument_group("storage")
+    g.add_argument(
+        "--storage",
+        default=default_storage_path(),
+        help="a local folder or s3://bucket/prefix ($GRANET_RAY_STORAGE)",
+    )
+    g.add_argument(
+        "--s3-endpoint",
+        help="an S3-compatible endpoint URL; keys from "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, else the AWS default chain",
+    )
+    g.add_argument("--name", help="the run's (or sweep's) folder; a used name resumes it")
+    g.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    g.add_argument(
+        "--checkpoint-every-steps",
+        type=int,
+        help="also a checkpoint every this many global steps inside an epoch",
+    )
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("output")
+    g.add_argument("--no-progress", action="store_true", help="no live display")
+    g.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+# ---- flags -> configs ---------------------------------------------------------------------
+
+
+def recipe(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
+    """The ``TrainConfig`` of the recipe flags: the preset (or preset file), then
+    ``--synthetic``, then ``--epochs`` / ``--global-batch`` rescaling, then every explicit
+    field. Also the list of what changed from the preset (printed by the jobs)."""
+    base = (
+        load_preset_file(args.preset_file)
+        if args.preset_file
+        else preset(args.preset or "mnist_demo")
+    )
+    train = base
+    fields = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
+    granet = {f: getattr(args, f) for f in GRANET_FIELDS if getattr(args, f, None) is not None}
+    epochs, global_batch = args.epochs, args.global_batch
+    if args.synthetic:
+        train = train.replace(dataset=f"synthetic_{train.dataset.removeprefix('synthetic_')}")
+        fields.setdefault("train_size", SMOKE["train_size"])
+        epochs = epochs or SMOKE["epochs"]
+        global_batch = global_batch or SMOKE["global_batch"]
+        granet.setdefault("update_interval", SMOKE["update_interval"])
+    train = rescale(train, epochs=epochs, global_batch=global_batch)
+    if args.prune_window is not None:
+        granet["prune_start"], granet["prune_end"] = args.prune_window
+    flags = {"channels_last": False} if args.no_channels_last else {}
+    flags.update({k: True for k in ("compile", "sync_bn") if getattr(args, k)})
+    train = train.replace(**fields, **flags, granet=granet)
+    return train, changes(base, train)
+
+
+def run_settings(args: argparse.Namespace, *, sweep: bool = False) -> RunSettings:
+    """``RunSettings`` of the scale and storage flags."""
+    options: dict[str, Any] | None = None
+    if args.s3_endpoint:
+        options = {"endpoint_url": args.s3_endpoint}
+        if os.environ.get("AWS_ACCESS_KEY_ID"):
+            options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
+            options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    cpus = getattr(args, "cpus_per_worker", None)
+    if cpus is None:
+        cpus = 1.0 - TRIAL_DRIVER_CPU if sweep else 1.0
+    low, high = getattr(args, "num_workers", (1, 1))
+    low = getattr(args, "min_workers", None) or low
+    high = getattr(args, "max_workers", None) or high
+    return RunSettings(
+        num_workers=high,
+        min_workers=low if low != high else None,
+        resize_interval=getattr(args, "resize_interval", 60.0),
+        gpus_per_worker=getattr(args, "gpus_per_worker", 0.0),
+        cpus_per_worker=cpus,
+        storage_path=args.storage,
+        storage_options=options,
+        name=args.name,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_every_steps=args.checkpoint_every_steps,
+        max_failures=getattr(args, "max_failures", 1),
+    )
+
+
+def grid_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The sweep's recipe flags that were given, as grid-file keys (``tune.space.merge``)."""
+    overrides: dict[str, Any] = {}
+    if args.preset_file or args.preset:
+        overrides["base"] = os.path.abspath(args.preset_file) if args.preset_file else args.preset
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    train = {
+        f: getattr(args, f)
+        for f in (*TRAIN_FIELDS, "global_batch")
+        if getattr(args, f, None) is not None
+    }
+    if args.synthetic:
+        raise ConfigError("synthetic=True is invalid for a sweep: set the grid's base dataset")
+    if train:
+        overrides["train"] = train
+    grid = {
+        f: getattr(args, f) for f in GRID_FIELDS if f != "method" and getattr(args, f) is not None
+    }
+    if grid:
+        overrides["grid"] = grid
+    if args.method:
+        overrides["variants"] = {m: {"method": m} for m in args.method}
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    asha = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
+    asha = {k: v for k, v in asha.items() if v is not None}
+    if args.no_asha:
+        overrides["asha"] = None
+    elif asha:
+        overrides["asha"] = asha
+    return overrides
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def _print_recipe(console: Console, train: TrainConfig, changed: list[str], source: str) -> None:
+    what = "; ".join(changed) if changed else "as is"
+    console.print(
+        f"recipe: {train.model} on {train.dataset} from {source}: {what}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    """A run in this process (no Ray), with checkpoints in the run's folder."""
+    from granet_ray.local import fit_local
+
+    train, changed = recipe(args)
+    run = run_settings(args)
+    _print_recipe(console, train, changed, args.preset_file or args.preset or "mnist_demo")
+    outcome = fit_local(
+        train, run, device=args.device, progress=not args.no_progress, console=console
+    )
+    if args.evaluate_checkpoint:
+        _evaluate(console, outcome.checkpoint_uri, train, run)
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace, console: Console) -> int:
+    """A run on Ray Train workers: every check first, then Ray."""
+    from granet_ray.checks import check_storage, preflight
+
+    train, changed = recipe(args)
+    run = run_settings(args)
+    preflight(train, run.num_workers, run.use_gpu)
+    check_storage(run)
+    _print_recipe(console, train, changed, args.preset_file or args.preset or "mnist_demo")
+    from granet_ray.train import connect, fit
+
+    connect(args.address)
+    outcome = fit(train, run, progress=not args.no_progress, console=console)
+    if args.evaluate_checkpoint:
+        _evaluate(console, outcome.checkpoint_uri, train, run)
+    return 0
+
+
+def _evaluate(console: Console, uri: str, train: TrainConfig, run: RunSettings) -> None:
+    from granet_ray.outcome import evaluate_checkpoint
+
+    accuracy, density = evaluate_checkpoint(uri, train, storage_options=run.storage_options)
+    console.print(
+        f"loaded {uri} with load_sparse: density {density:.4f} (sparsity {1 - density:.1%}), "
+        f"test accuracy of the sparse model [bold]{accuracy:.2%}[/]",
+        soft_wrap=True,
+    )
+
+
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    """A Ray Tune sweep; ``--dry-run`` lists the trials and starts nothing."""
+    from granet_ray.checks import check_storage
+    from granet_ray.tune.results import TrialRow
+    from granet_ray.tune.space import load_space, settle_asha, sweep_name, validate
+    from granet_ray.ui.tables import trials_table
+
+    space = load_space(args.grid, grid_overrides(args))
+    run = run_settings(args, sweep=True)
+    points = validate(space, run)  # every trial, before Ray is contacted
+    space, note = settle_asha(space, points)
+    if args.dry_run:
+        if note:
+            console.print(f"[yellow]{note}[/]", highlight=False)
+        rows = [TrialRow(p.name, p.group, p.variant, p.seed, p.train, "planned") for p in points]
+        name = run.name or sweep_name(space, points, run)
+        console.print(trials_table(rows, title=f"sweep {name}: {len(rows)} trials (dry run)"))
+        return 0
+    check_storage(run)
+    from granet_ray.train import connect
+    from granet_ray.tune import sweep
+
+    connect(args.address, dashboard=True)
+    outcome = sweep(
+        space,
+        run,
+        max_concurrent=args.max_concurrent,
+        progress=not args.no_progress,
+        console=console,
+    )
+    return 0 if outcome.complete else 1
 
 
 def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
@@ -49,47 +465,21 @@ def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
     return options
 
 
-def _add_storage_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="s3fs option for s3:// URIs, repeatable (key, secret, endpoint_url, ...)",
-    )
-
-
-def ckpt_inspect(args: argparse.Namespace, console: Console) -> int:
-    """Table of a checkpoint's tensors: shape, density, bytes, share of the total."""
+def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    """A checkpoint's tensors, after verifying every file's size and checksum."""
     from granet_ray.store.summary import summarize
+    from granet_ray.ui.tables import checkpoint_table, checkpoint_totals
 
-    summary = summarize(args.uri, _storage_options(args.storage_option))
-    table = Table()
-    table.add_column("tensor", overflow="fold")
-    table.add_column("shape")
-    table.add_column("density", justify="right")
-    table.add_column("bytes", justify="right")
-    table.add_column("share", justify="right")
-    for t in summary.tensors:
-        share = t.bytes / summary.total_bytes if summary.total_bytes else 0.0
-        shape = "x".join(map(str, t.shape)) or "scalar"
-        table.add_row(t.name, shape, f"{t.density:.3f}", _bytes(t.bytes), f"{share:.1%}")
-    if summary.optimizer_bytes:
-        share = summary.optimizer_bytes / summary.total_bytes
-        table.add_row("(optimizer state)", "", "", _bytes(summary.optimizer_bytes), f"{share:.1%}")
+    summary = summarize(args.uri, _storage_options(args.storage_option), verify=not args.no_verify)
     console.print(summary.uri, highlight=False, soft_wrap=True)
-    console.print(table)
-    ratio = summary.total_bytes / summary.dense_bytes if summary.dense_bytes else 0.0
-    console.print(
-        f"total {_bytes(summary.total_bytes)} ({summary.total_bytes} bytes in "
-        f"{summary.file_count} files) against dense {_bytes(summary.dense_bytes)} "
-        f"({summary.dense_bytes} bytes): {ratio:.3f} of dense",
-        highlight=False,
-        soft_wrap=True,
-    )
+    console.print(checkpoint_table(summary))
+    console.print(checkpoint_totals(summary), highlight=False, soft_wrap=True)
+    if not args.no_verify:
+        console.print(f"verified: {summary.file_count - 1} data files, sizes and sha256 match")
     return 0
 
 
-def ckpt_export(args: argparse.Namespace, console: Console) -> int:
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
     """Write a dense safetensors file of the checkpoint's model weights."""
     from granet_ray.store.export import export_safetensors
 
@@ -103,75 +493,142 @@ def ckpt_export(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def add_ckpt_commands(groups: argparse._SubParsersAction) -> None:
-    """The ``ckpt`` group: inspect and export sparse checkpoints."""
-    ckpt = groups.add_parser("ckpt", help="inspect and export sparse checkpoints")
-    commands = ckpt.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    inspect = commands.add_parser("inspect", help="per-tensor density and bytes")
-    inspect.add_argument("uri", help="checkpoint: local path, file:// or s3://bucket/prefix")
-    _add_storage_option(inspect)
-    inspect.set_defaults(handler=ckpt_inspect)
-    export = commands.add_parser("export", help="write a dense safetensors file")
-    export.add_argument("uri", help="checkpoint: local path, file:// or s3://bucket/prefix")
-    export.add_argument("out", help="output .safetensors path (local or s3://)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    _add_storage_option(export)
-    export.set_defaults(handler=ckpt_export)
-
-
-def train_local(args: argparse.Namespace, console: Console) -> int:
-    """Train a preset in this process (no Ray) and print the per-layer table."""
-    from granet_ray.config import preset
-    from granet_ray.single import train_single
-
-    cfg = preset(args.preset)
-    changes = {
-        k: getattr(args, k) for k in ("epochs", "train_size", "data_root") if getattr(args, k)
-    }
-    granet = {k: getattr(args, k) for k in ("method", "final_density") if getattr(args, k)}
-    cfg = cfg.replace(**changes, granet=granet)
-    train_single(cfg, device=args.device, console=console)
-    return 0
-
-
-def add_train_command(groups: argparse._SubParsersAction) -> None:
-    """``train``: a single-process GraNet run (the Ray jobs live in jobs/)."""
-    from granet_ray.config import METHODS, PRESETS
-
-    train = groups.add_parser("train", help="train a preset in this process, without Ray")
-    train.add_argument("--preset", default="mnist_demo", choices=sorted(PRESETS))
-    train.add_argument("--epochs", type=int, help="override the preset's epochs")
-    train.add_argument("--method", choices=METHODS, help="override the GraNet method")
-    train.add_argument("--final-density", type=float, help="override d_f")
-    train.add_argument("--train-size", type=int, help="keep only N training samples")
-    train.add_argument("--data-root", help="dataset folder (cifar10, imagenet)")
-    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    train.set_defaults(handler=train_local)
+# ---- the parser and main --------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every command group."""
-    parser = argparse.ArgumentParser(
-        prog="granet-ray",
-        description="GraNet sparse training on Ray: tools and a single-process run.",
+    """The argument parser with every command."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="granet-ray", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="a run in this process, without Ray", formatter_class=formatter
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
-    add_ckpt_commands(groups)
-    add_train_command(groups)
+    add_recipe_flags(train)
+    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    train.add_argument(
+        "--evaluate-checkpoint",
+        action="store_true",
+        help="load the final checkpoint with load_sparse and test it",
+    )
+    add_storage_flags(train)
+    add_output_flags(train)
+    train.set_defaults(handler=cmd_train)
+
+    fit = commands.add_parser("fit", help="a run on Ray Train workers", formatter_class=formatter)
+    add_recipe_flags(fit)
+    fit.add_argument(
+        "--evaluate-checkpoint",
+        action="store_true",
+        help="load the final checkpoint with load_sparse and test it here",
+    )
+    add_scale_flags(fit)
+    add_storage_flags(fit)
+    add_output_flags(fit)
+    fit.set_defaults(handler=cmd_fit)
+
+    sweep = commands.add_parser(
+        "sweep", help="a Ray Tune sweep over GraNet schedules", formatter_class=formatter
+    )
+    sweep.add_argument(
+        "--grid",
+        default="paper",
+        help="a packaged grid (paper, compare, smoke) or a YAML/JSON grid file",
+    )
+    sweep.add_argument("--dry-run", action="store_true", help="check and list trials, run none")
+    add_recipe_flags(sweep, grid=True)
+    asha = sweep.add_argument_group("early stopping (default: the grid file's)")
+    asha.add_argument("--no-asha", action="store_true", help="every trial runs to the end")
+    asha.add_argument("--grace-period", type=int, help="epochs before ASHA's first cut")
+    asha.add_argument("--reduction-factor", type=float, help="ASHA keeps 1/this at each cut")
+    add_scale_flags(sweep, sweep=True)
+    add_storage_flags(sweep)
+    add_output_flags(sweep)
+    sweep.set_defaults(handler=cmd_sweep)
+
+    ckpt = commands.add_parser("ckpt", help="inspect and export sparse checkpoints")
+    verbs = ckpt.add_subparsers(dest="verb", required=True, metavar="VERB")
+    inspect = verbs.add_parser("inspect", help="per-tensor density and bytes, verified")
+    export = verbs.add_parser("export", help="write a dense safetensors file")
+    for verb in (inspect, export):
+        verb.add_argument("uri", help="checkpoint: local path, file:// or s3://bucket/prefix")
+        verb.add_argument(
+            "--storage-option",
+            action="append",
+            metavar="KEY=VALUE",
+            help="s3fs option for s3:// URIs, repeatable (key, secret, endpoint_url)",
+        )
+        verb.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    inspect.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="read the manifest only: no file sizes or checksums",
+    )
+    inspect.set_defaults(handler=cmd_inspect)
+    export.add_argument("out", help="output .safetensors path (local or s3://)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    export.set_defaults(handler=cmd_export)
     return parser
 
 
+def root_cause(err: BaseException) -> BaseException:
+    """The exception at the bottom of ``err``: inside Ray's worker-group and controller
+    errors (the first failed worker's), Ray's task-error wrappers and ``__cause__`` chains."""
+    seen: set[int] = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None)
+        inner = (
+            next(iter(failures.values()), None)
+            if failures
+            else getattr(err, "controller_failure", None)
+            or getattr(err, "cause", None)
+            or err.__cause__
+        )
+        if not isinstance(inner, BaseException):
+            return err
+        err = inner
+    return err
+
+
+def describe(err: BaseException) -> str:
+    """One line for an error: our own errors by their message, others with their type."""
+    cause = root_cause(err)
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    if isinstance(cause, (ConfigError, CheckpointError)):
+        return text
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (2 for usage errors and failures)."""
+    """Run the command line; returns the exit code (2: bad input, 1: the run failed)."""
     args = build_parser().parse_args(argv)
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: wide enough to keep a row on one line
-        console = Console(width=max(console.width, 160))
+    console = default_console()
+    handler: Callable[[argparse.Namespace, Console], int] = args.handler
     try:
-        return args.handler(args, console)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as exc:
-        Console(stderr=True).print(Text(f"error: {exc}", style="red"), soft_wrap=True)
-        return 2
+        return handler(args, console)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        cause = root_cause(err)
+        bad_input = isinstance(cause, (ConfigError, CheckpointError, FileNotFoundError))
+        message = Text(f"error: {describe(err)}", style="red")
+        default_console(stderr=True).print(message, soft_wrap=True)
+        return 2 if bad_input else 1
+
+
+def job(*fixed: str) -> Callable[[Sequence[str] | None], int]:
+    """A job script's ``main``: this command line with ``fixed`` first, then the script's own
+    arguments (``sys.argv[1:]``, or the list given), so the user's flags come last."""
+
+    def run(argv: Sequence[str] | None = None) -> int:
+        return main([*fixed, *(sys.argv[1:] if argv is None else argv)])
+
+    return run
 
 
 if __name__ == "__main__":

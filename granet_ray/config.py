@@ -1,52 +1,145 @@
-"""Typed, validated configuration: the GraNet method and schedule, the training recipe, presets.
+"""Every configuration of a run, validated: the sparse-training method (one table of method
+specs), the training recipe, where and how it runs, the paper's presets, rescaling to another
+length or global batch, and preset files.
 
-Units: densities are fractions of weights kept, in (0, 1]; ``update_interval`` is in optimizer
-steps; ``prune_start``, ``prune_end``, ``regrow_end`` and ``epochs`` are in epochs (converted to
-steps from the real per-worker loader length, so a schedule means the same at any worker count).
+Units: densities are fractions of weights kept, in (0, 1]; ``update_interval`` is in global
+optimizer steps; ``prune_start``, ``prune_end``, ``regrow_end``, ``epochs`` and
+``warmup_epochs`` are in epochs of the run's global batch, so a schedule means the same at
+any number of workers (spec section 5). No Ray, no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-METHODS = ("granet", "granet_uniform", "gmp", "rigl", "set", "static")
-ALLOCATIONS = ("erk", "uniform")
-OPTIMIZERS = ("sgd", "adam")
+import yaml
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the allowed range."""
 
 
-def _check(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+# ---- validation helpers shared by every config class ------------------------------------
+
+
+def fail(field_name: str, value: Any, allowed: str) -> ConfigError:
+    """The error for ``field_name=value``: ``<field>=<value!r> is invalid: must be <allowed>``."""
+    return ConfigError(f"{field_name}={value!r} is invalid: must be {allowed}")
+
+
+def check(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+    """Raise ``fail(...)`` unless ``ok``."""
     if not ok:
-        raise ConfigError(f"{field_name}={value!r} is invalid: must be {allowed}")
+        raise fail(field_name, value, allowed)
 
 
-def _check_density(field_name: str, value: Any) -> None:
-    _check(
-        isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0,
-        field_name,
-        value,
-        "a number in (0, 1]",
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_known(keys: Iterable[str], known: Iterable[str], where: str) -> None:
+    """Raise ``ConfigError`` naming every key of ``keys`` that is not in ``known``."""
+    allowed = set(known)
+    unknown = sorted(set(keys) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown {where} field(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+        )
+
+
+def check_mapping(value: Any, known: Iterable[str], where: str) -> dict[str, Any]:
+    """``value`` as a dict, after checking it is a mapping with only ``known`` keys."""
+    if not isinstance(value, Mapping):
+        raise fail(where, value, "a mapping of field: value")
+    check_known(value, known, where)
+    return dict(value)
+
+
+def _density(field_name: str, value: Any) -> None:
+    check(is_number(value) and 0.0 < value <= 1.0, field_name, value, "a number in (0, 1]")
+
+
+def _from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    check_known(data, (f.name for f in dataclasses.fields(cls)), where)
+    return cls(**data)
+
+
+# ---- the methods: one table ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One sparse-training method (spec section 4).
+
+    start: where the initial masks come from: ``init`` (d_i), ``dense`` (1.0) or ``final``
+    (d_f). allocation: per-layer initial densities forced by the method (None: the config's
+    ``allocation``). prune: gradual magnitude pruning ``global`` or per ``layer`` by default,
+    None for never. regrow: the regrowth score, ``gradient`` (|dense gradient|), ``random``
+    or None for no regrowth. regrow_fraction, regrow_min: default p0 and p_min of the cosine
+    fraction; regrow_end: default last regrowth step as a fraction of training; anneal: the
+    cosine runs over the whole run (``total``, GraNet) or reaches p_min at regrow_end
+    (``end``, the RigL paper's drop fraction).
+    """
+
+    name: str
+    start: str
+    allocation: str | None
+    prune: str | None
+    regrow: str | None
+    regrow_fraction: float
+    regrow_min: float
+    regrow_end: float
+    anneal: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    # name, start, allocation, prune, regrow, regrow_fraction, regrow_min, regrow_end, anneal
+    for spec in (
+        MethodSpec("granet", "init", None, "global", "gradient", 0.5, 0.005, 1.0, "total"),
+        MethodSpec(
+            "granet_uniform", "init", "uniform", "layer", "gradient", 0.5, 0.005, 1.0, "total"
+        ),
+        MethodSpec("gmp", "dense", None, "global", None, 0.0, 0.0, 1.0, "total"),
+        MethodSpec("rigl", "final", None, None, "gradient", 0.3, 0.0, 0.75, "end"),
+        MethodSpec("set", "final", None, None, "random", 0.3, 0.0, 0.75, "end"),
+        MethodSpec("static", "final", None, None, None, 0.0, 0.0, 1.0, "total"),
     )
+}
+ALLOCATIONS = ("erk", "uniform")
+PRUNE_SCOPES = ("global", "layer")
+OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
 class GraNetConfig:
     """The sparse-training method and its schedule (spec sections 1-4).
 
-    method: granet | granet_uniform | gmp | rigl | set | static.
-    init_density: d_i, density at step 0 (1.0 = dense-to-sparse). gmp always starts dense and
-        rigl / set / static always start at ``final_density``; see ``start_density``.
-    final_density: d_f, density after the last prune.
-    update_interval: dT, optimizer steps between mask updates.
+    method: a row of ``METHODS``. init_density: d_i (1.0 = dense-to-sparse); only the
+    methods that start at ``init`` use it (see ``start_density``). final_density: d_f.
+    update_interval: dT, global optimizer steps between mask updates.
     prune_start, prune_end: gradual-pruning window t0, tf in epochs.
-    regrow_fraction: p0, initial regeneration fraction; regrow_min: p_min.
-    regrow_end: last epoch with regrowth (None: until the end; rigl defaults to 75% of training).
+    prune_scope: ``global`` or ``layer`` pruning (None: the method's; only methods that prune).
+    regrow_fraction, regrow_min: p0 and p_min (None: the method's; RigL / SET: alpha = 0.3, 0).
+    regrow_end: last epoch with regrowth (None: the method's; RigL / SET 75% of training).
     allocation: erk | uniform, per-layer initial densities when starting sparse.
     dense_first, dense_last: keep the first conv / last linear layer dense (not prunable).
     seed: seeds every random draw, together with the update index and the layer name.
@@ -58,8 +151,9 @@ class GraNetConfig:
     update_interval: int = 1000
     prune_start: float = 0.0
     prune_end: float = 80.0
-    regrow_fraction: float = 0.5
-    regrow_min: float = 0.005
+    prune_scope: str | None = None
+    regrow_fraction: float | None = None
+    regrow_min: float | None = None
     regrow_end: float | None = None
     allocation: str = "erk"
     dense_first: bool = False
@@ -67,92 +161,123 @@ class GraNetConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
-        _check(
+        check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
+        check(
             self.allocation in ALLOCATIONS,
             "allocation",
             self.allocation,
             f"one of {', '.join(ALLOCATIONS)}",
         )
-        _check_density("init_density", self.init_density)
-        _check_density("final_density", self.final_density)
-        if self.method in ("granet", "granet_uniform"):
-            _check(
+        _density("init_density", self.init_density)
+        _density("final_density", self.final_density)
+        if self.spec.start == "init":
+            check(
                 self.final_density <= self.init_density,
                 "final_density",
                 self.final_density,
                 f"<= init_density ({self.init_density})",
             )
-        _check(
-            isinstance(self.update_interval, int)
-            and not isinstance(self.update_interval, bool)
-            and self.update_interval > 0,
+        check(
+            is_int(self.update_interval) and self.update_interval > 0,
             "update_interval",
             self.update_interval,
             "a positive integer number of optimizer steps",
         )
-        _check(
-            isinstance(self.prune_start, (int, float)) and self.prune_start >= 0,
+        check(
+            is_number(self.prune_start) and self.prune_start >= 0,
             "prune_start",
             self.prune_start,
             "a number of epochs >= 0",
         )
-        _check(
-            isinstance(self.prune_end, (int, float)) and self.prune_end > self.prune_start,
+        check(
+            is_number(self.prune_end) and self.prune_end > self.prune_start,
             "prune_end",
             self.prune_end,
             f"a number of epochs > prune_start ({self.prune_start})",
         )
-        _check(
-            isinstance(self.regrow_min, (int, float)) and 0.0 <= self.regrow_min <= 1.0,
-            "regrow_min",
-            self.regrow_min,
-            "a number in [0, 1]",
-        )
-        _check(
-            isinstance(self.regrow_fraction, (int, float))
-            and self.regrow_min <= self.regrow_fraction <= 1.0,
-            "regrow_fraction",
-            self.regrow_fraction,
-            f"a number in [regrow_min ({self.regrow_min}), 1]",
-        )
+        if self.prune_scope is not None:
+            check(
+                self.prune_scope in PRUNE_SCOPES and self.spec.prune is not None,
+                "prune_scope",
+                self.prune_scope,
+                f"None or one of {', '.join(PRUNE_SCOPES)} for a method that prunes",
+            )
+        if self.regrow_min is not None:
+            check(
+                is_number(self.regrow_min) and 0.0 <= self.regrow_min <= 1.0,
+                "regrow_min",
+                self.regrow_min,
+                "None or a number in [0, 1]",
+            )
+        if self.regrow_fraction is not None:
+            check(
+                is_number(self.regrow_fraction)
+                and self.min_fraction <= self.regrow_fraction <= 1.0,
+                "regrow_fraction",
+                self.regrow_fraction,
+                f"None or a number in [p_min ({self.min_fraction}), 1]",
+            )
+        if self.regrows:
+            check(
+                self.min_fraction <= self.initial_fraction,
+                "regrow_min",
+                self.regrow_min,
+                f"<= the regrowth fraction ({self.initial_fraction})",
+            )
         if self.regrow_end is not None:
-            _check(
-                isinstance(self.regrow_end, (int, float)) and self.regrow_end > 0,
+            check(
+                is_number(self.regrow_end) and self.regrow_end > 0,
                 "regrow_end",
                 self.regrow_end,
                 "a number of epochs > 0, or None",
             )
-        _check(isinstance(self.seed, int), "seed", self.seed, "an integer")
+        check(is_int(self.seed), "seed", self.seed, "an integer")
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The method's row of ``METHODS``."""
+        return METHODS[self.method]
 
     @property
     def start_density(self) -> float:
         """Density of the initial masks for this method (spec section 4)."""
-        if self.method == "gmp":
-            return 1.0
-        if self.method in ("rigl", "set", "static"):
-            return self.final_density
-        return self.init_density
+        return {"init": self.init_density, "dense": 1.0, "final": self.final_density}[
+            self.spec.start
+        ]
 
     @property
     def prunes(self) -> bool:
-        return self.method in ("granet", "granet_uniform", "gmp")
+        """Whether the method prunes gradually (spec 3a)."""
+        return self.spec.prune is not None
 
     @property
     def regrows(self) -> bool:
-        return self.method in ("granet", "granet_uniform", "rigl", "set")
+        """Whether the method regrows (spec 3b)."""
+        return self.spec.regrow is not None
 
     @property
     def global_prune(self) -> bool:
-        return self.method != "granet_uniform"
+        """Pruning ranks all layers together (else each layer alone)."""
+        return (self.prune_scope or self.spec.prune) == "global"
 
     @property
     def init_allocation(self) -> str:
-        return "uniform" if self.method == "granet_uniform" else self.allocation
+        """The per-layer allocation of sparse initial masks."""
+        return self.spec.allocation or self.allocation
+
+    @property
+    def initial_fraction(self) -> float:
+        """p0 (GraNet) or alpha (RigL, SET): the regrowth fraction at step 0."""
+        return self.spec.regrow_fraction if self.regrow_fraction is None else self.regrow_fraction
+
+    @property
+    def min_fraction(self) -> float:
+        """p_min: the fraction the cosine anneals to."""
+        return self.spec.regrow_min if self.regrow_min is None else self.regrow_min
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GraNetConfig:
-        return _from_dict(cls, data, "granet")
+    def from_dict(cls, data: Mapping[str, Any]) -> GraNetConfig:
+        return _from_dict(cls, data, "granet config")
 
 
 _DEMO_GRANET = GraNetConfig(
@@ -164,16 +289,26 @@ _DEMO_GRANET = GraNetConfig(
     prune_end=4,
 )
 
+# TrainConfig fields that say how a run executes, not what it computes: a run may resume
+# with other values of these (another data mount, accumulation, compilation, memory format).
+RUNTIME_FIELDS = ("data_root", "max_batch_per_worker", "compile", "channels_last")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe: model, data, optimizer, LR schedule and the GraNet config.
+    """The training recipe: model, data, global batch, optimizer, LR schedule, precision and
+    the GraNet config. The defaults are the offline MNIST-5k demo (preset ``mnist_demo``).
 
-    The defaults are the offline MNIST-5k demo (preset ``mnist_demo``). train_size keeps only
-    that many training samples (None: all; for synthetic_imagenet, its size). batch_size is
-    per worker. lr_milestones are epochs where the LR is multiplied by lr_gamma; warmup_epochs
-    ramps the LR linearly from 0 first. weight_decay_norm=False exempts the parameters of
-    normalization layers from weight decay.
+    train_size: keep only that many training samples (None: all; synthetic data: its size).
+    global_batch: B, samples per optimizer step over all workers; each of W workers takes
+    B / W (spec section 5). max_batch_per_worker: the most one worker's forward pass takes;
+    beyond it the worker accumulates gradients over several micro-batches (None: no limit).
+    lr_milestones: epochs where the LR is multiplied by lr_gamma; warmup_epochs: linear
+    warm-up from 0 first. weight_decay_norm=False: no weight decay on normalization layers.
+    precision: fp32 | fp16 | bf16 autocast (GradScaler for fp16 only), or auto: bf16 where the
+    GPU supports it, else fp16 on CUDA, fp32 on the CPU. channels_last: conv nets on CUDA in
+    the channels-last memory format. compile: run the model through ``torch.compile``.
+    sync_bn: SyncBatchNorm across workers (for small per-worker batches).
     """
 
     model: str = "mnist_convnet"
@@ -181,7 +316,8 @@ class TrainConfig:
     data_root: str | None = None
     train_size: int | None = None
     epochs: int = 8
-    batch_size: int = 64
+    global_batch: int = 128
+    max_batch_per_worker: int | None = None
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -192,69 +328,91 @@ class TrainConfig:
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    amp: bool = False
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False
     seed: int = 0
     granet: GraNetConfig = field(default_factory=lambda: _DEMO_GRANET)
 
     def __post_init__(self) -> None:
-        _check(
-            isinstance(self.epochs, int) and self.epochs > 0,
-            "epochs",
-            self.epochs,
-            "a positive integer",
-        )
-        _check(
-            self.train_size is None
-            or (
-                isinstance(self.train_size, int)
-                and not isinstance(self.train_size, bool)
-                and self.train_size > 0
-            ),
+        check(is_int(self.epochs) and self.epochs > 0, "epochs", self.epochs, "a positive integer")
+        check(
+            self.train_size is None or (is_int(self.train_size) and self.train_size > 0),
             "train_size",
             self.train_size,
             "None or a positive integer",
         )
-        _check(
-            isinstance(self.batch_size, int) and self.batch_size > 0,
-            "batch_size",
-            self.batch_size,
-            "a positive integer (per worker)",
+        check(
+            is_int(self.global_batch) and self.global_batch > 0,
+            "global_batch",
+            self.global_batch,
+            "a positive integer (samples per step, all workers)",
         )
-        _check(
+        check(
+            self.max_batch_per_worker is None
+            or (is_int(self.max_batch_per_worker) and self.max_batch_per_worker > 0),
+            "max_batch_per_worker",
+            self.max_batch_per_worker,
+            "None or a positive integer",
+        )
+        check(
             self.optimizer in OPTIMIZERS,
             "optimizer",
             self.optimizer,
             f"one of {', '.join(OPTIMIZERS)}",
         )
-        _check(
-            isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr),
+        check(
+            is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr),
             "lr",
             self.lr,
             "a finite number > 0",
         )
-        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "a number in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _check(0.0 < self.lr_gamma <= 1.0, "lr_gamma", self.lr_gamma, "a number in (0, 1]")
-        _check(
-            all(0 < m <= self.epochs for m in self.lr_milestones),
+        check(
+            is_number(self.momentum) and 0.0 <= self.momentum < 1.0,
+            "momentum",
+            self.momentum,
+            "a number in [0, 1)",
+        )
+        check(
+            is_number(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay",
+            self.weight_decay,
+            "a number >= 0",
+        )
+        check(
+            is_number(self.lr_gamma) and 0.0 < self.lr_gamma <= 1.0,
+            "lr_gamma",
+            self.lr_gamma,
+            "a number in (0, 1]",
+        )
+        check(
+            all(is_number(m) and 0 < m <= self.epochs for m in self.lr_milestones),
             "lr_milestones",
             self.lr_milestones,
             f"epochs in (0, epochs={self.epochs}]",
         )
-        _check(
-            0.0 <= self.warmup_epochs < self.epochs,
+        check(
+            is_number(self.warmup_epochs) and 0.0 <= self.warmup_epochs < self.epochs,
             "warmup_epochs",
             self.warmup_epochs,
             f"a number in [0, epochs={self.epochs})",
         )
-        _check(
-            0.0 <= self.label_smoothing < 1.0,
+        check(
+            is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0,
             "label_smoothing",
             self.label_smoothing,
             "a number in [0, 1)",
         )
+        check(
+            self.precision in PRECISIONS,
+            "precision",
+            self.precision,
+            f"one of {', '.join(PRECISIONS)}",
+        )
+        check(is_int(self.seed), "seed", self.seed, "an integer")
         if self.granet.prunes:
-            _check(
+            check(
                 self.granet.prune_end <= self.epochs,
                 "granet.prune_end",
                 self.granet.prune_end,
@@ -262,40 +420,39 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (for Ray's ``train_loop_config`` and checkpoint metadata)."""
+        """Plain JSON-able dict (for Ray's ``train_loop_config``, checkpoints, preset files)."""
         data = dataclasses.asdict(self)
         data["lr_milestones"] = list(self.lr_milestones)
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         data = dict(data)
-        granet = data.get("granet", {})
-        if not isinstance(granet, GraNetConfig):
-            data["granet"] = GraNetConfig.from_dict(granet)
+        if not isinstance(data.get("granet", {}), GraNetConfig):
+            data["granet"] = GraNetConfig.from_dict(
+                check_mapping(
+                    data.get("granet", {}),
+                    (f.name for f in dataclasses.fields(GraNetConfig)),
+                    "granet",
+                )
+            )
         if "lr_milestones" in data:
             data["lr_milestones"] = tuple(data["lr_milestones"])
-        return _from_dict(cls, data, "train")
+        return _from_dict(cls, data, "train config")
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with top-level fields changed; ``granet`` may be a dict of GraNet fields."""
         granet = changes.pop("granet", None)
-        if isinstance(granet, dict):
+        if isinstance(granet, Mapping):
+            check_known(granet, (f.name for f in dataclasses.fields(GraNetConfig)), "granet")
             granet = dataclasses.replace(self.granet, **granet)
         if granet is not None:
             changes["granet"] = granet
+        check_known(changes, (f.name for f in dataclasses.fields(self)), "train config")
         return dataclasses.replace(self, **changes)
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown {where} config field(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(names))}"
-        )
-    return cls(**data)
+# ---- presets, rescaling, preset files -------------------------------------------------------
 
 
 def _cifar(model: str) -> TrainConfig:
@@ -303,7 +460,7 @@ def _cifar(model: str) -> TrainConfig:
         model=model,
         dataset="cifar10",
         epochs=160,
-        batch_size=128,
+        global_batch=128,
         lr=0.1,
         momentum=0.9,
         nesterov=True,
@@ -316,8 +473,6 @@ def _cifar(model: str) -> TrainConfig:
             update_interval=1000,
             prune_start=0,
             prune_end=80,
-            regrow_fraction=0.5,
-            allocation="erk",
         ),
     )
 
@@ -330,7 +485,7 @@ PRESETS: dict[str, TrainConfig] = {
         model="resnet50",
         dataset="imagenet",
         epochs=100,
-        batch_size=64,
+        global_batch=128,
         lr=0.1,
         momentum=0.9,
         nesterov=False,
@@ -339,7 +494,6 @@ PRESETS: dict[str, TrainConfig] = {
         lr_milestones=(30, 60, 90),
         warmup_epochs=5,
         label_smoothing=0.1,
-        amp=True,
         granet=GraNetConfig(
             method="granet",
             init_density=0.5,
@@ -347,8 +501,6 @@ PRESETS: dict[str, TrainConfig] = {
             update_interval=4000,
             prune_start=0,
             prune_end=30,
-            regrow_fraction=0.5,
-            allocation="erk",
         ),
     ),
 }
@@ -356,7 +508,289 @@ PRESETS: dict[str, TrainConfig] = {
 
 def preset(name: str) -> TrainConfig:
     """The paper's settings (spec section 7) by name: ``cifar10_resnet20``, ``cifar10_vgg19``,
-    ``imagenet_resnet50``, plus ``mnist_demo`` for the offline demo."""
+    ``imagenet_resnet50`` (global batch 128 = the paper's 2 x 64), plus ``mnist_demo`` for
+    the offline demo."""
     if name not in PRESETS:
-        raise ConfigError(f"preset={name!r} is unknown: must be one of {', '.join(PRESETS)}")
+        raise fail("preset", name, f"one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def with_epochs(train: TrainConfig, epochs: int) -> TrainConfig:
+    """``train`` over ``epochs`` epochs with its epoch-based schedule scaled by
+    ``epochs / train.epochs``: pruning window and regrowth end exactly, warm-up exactly,
+    LR milestones rounded to whole epochs in [1, epochs] (duplicates merged). A shorter run
+    also scales ``update_interval`` (at least 1 step), so the pruning window keeps the
+    number of mask updates it had."""
+    check(is_int(epochs) and epochs > 0, "epochs", epochs, "a positive integer")
+    if epochs == train.epochs:
+        return train
+    factor = epochs / train.epochs
+    g = train.granet
+    interval = g.update_interval if factor > 1 else max(1, round(g.update_interval * factor))
+    return train.replace(
+        epochs=epochs,
+        lr_milestones=tuple(
+            sorted({min(epochs, max(1, round(m * factor))) for m in train.lr_milestones})
+        ),
+        warmup_epochs=train.warmup_epochs * factor,
+        granet={
+            "prune_start": g.prune_start * factor,
+            "prune_end": g.prune_end * factor,
+            "regrow_end": None if g.regrow_end is None else g.regrow_end * factor,
+            "update_interval": interval,
+        },
+    )
+
+
+def with_global_batch(train: TrainConfig, global_batch: int) -> TrainConfig:
+    """``train`` at another global batch B' (spec section 5): the LR scaled linearly
+    (x B' / B, warm-up kept) and ``update_interval`` inversely (x B / B', at least 1), so mask
+    updates stay at the same points in epochs."""
+    check(
+        is_int(global_batch) and global_batch > 0,
+        "global_batch",
+        global_batch,
+        "a positive integer (samples per step, all workers)",
+    )
+    if global_batch == train.global_batch:
+        return train
+    factor = global_batch / train.global_batch
+    return train.replace(
+        global_batch=global_batch,
+        lr=train.lr * factor,
+        granet={"update_interval": max(1, round(train.granet.update_interval / factor))},
+    )
+
+
+def rescale(
+    train: TrainConfig, *, epochs: int | None = None, global_batch: int | None = None
+) -> TrainConfig:
+    """``with_epochs`` then ``with_global_batch``, each where given: the one meaning of
+    ``epochs`` and ``global_batch`` on every command line and in every grid file."""
+    if epochs is not None:
+        train = with_epochs(train, epochs)
+    if global_batch is not None:
+        train = with_global_batch(train, global_batch)
+    return train
+
+
+def changes(old: TrainConfig, new: TrainConfig) -> list[str]:
+    """``field: old -> new`` for every field that differs (GraNet fields as ``granet.x``)."""
+
+    def flat(train: TrainConfig) -> dict[str, Any]:
+        data = train.to_dict()
+        return {
+            **{k: v for k, v in data.items() if k != "granet"},
+            **{f"granet.{k}": v for k, v in data["granet"].items()},
+        }
+
+    a, b = flat(old), flat(new)
+    return [f"{k}: {_short(a[k])} -> {_short(b[k])}" for k in a if a[k] != b[k]]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def preset_file_name(final_density: float) -> str:
+    """The file name of the best preset for a target density: ``best-density-0.05.json``."""
+    return f"best-density-{final_density:g}.json"
+
+
+def dump_preset(train: TrainConfig) -> bytes:
+    """``train`` as an indented JSON preset file."""
+    return (json.dumps(train.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+
+def load_preset_file(path: str | Path) -> TrainConfig:
+    """The ``TrainConfig`` of a preset file (JSON, or YAML with the same fields); raises
+    ``ConfigError`` naming the file and the field when it is missing or invalid."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"preset file {path}: cannot be read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"preset file {path}: not valid JSON/YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset file {path}: must hold a mapping of TrainConfig fields")
+    try:
+        return TrainConfig.from_dict(data)
+    except (ConfigError, TypeError) as err:
+        raise ConfigError(f"preset file {path}: {err}") from None
+
+
+# ---- where and how a run executes ----------------------------------------------------------
+
+STORAGE_ENV = "GRANET_RAY_STORAGE"
+S3_OPTION_KEYS = ("endpoint_url", "key", "secret", "token")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def default_storage_path() -> str:
+    """``$GRANET_RAY_STORAGE`` or ``~/granet-ray/runs``, made absolute when local."""
+    path = os.environ.get(STORAGE_ENV) or "~/granet-ray/runs"
+    return path if is_s3(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def is_s3(path: str) -> bool:
+    """Whether ``path`` is an ``s3://`` URI."""
+    return path.startswith("s3://")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how a run executes.
+
+    num_workers: Ray Train workers (one process each); with ``min_workers`` the most of an
+    elastic run, which starts once ``min_workers`` are up, goes on smaller when nodes are
+    lost and grows back when they return (checked every ``resize_interval`` seconds; the
+    run resumes from its newest checkpoint at every resize). gpus_per_worker: > 0 trains on CUDA
+    with NCCL; 0 on CPU with gloo. cpus_per_worker: also sets each worker's data-loader
+    processes (this minus one). storage_path: a local folder (made absolute) or
+    ``s3://bucket/prefix``. storage_options: S3 credentials and endpoint (keys
+    ``endpoint_url``, ``key``, ``secret``, ``token``). name: the run's folder under
+    storage_path (None: a unique generated name; an existing name resumes that run).
+    checkpoint_every: epochs between checkpoints (one is always written at the end).
+    checkpoint_every_steps: also a checkpoint every that many global steps inside an epoch
+    (None: only at epoch ends). max_failures: worker-group failures to recover from the
+    latest checkpoint (-1: no limit).
+    """
+
+    num_workers: int = 1
+    min_workers: int | None = None
+    resize_interval: float = 60.0
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    storage_path: str = field(default_factory=default_storage_path)
+    storage_options: dict[str, Any] | None = None
+    name: str | None = None
+    checkpoint_every: int = 1
+    checkpoint_every_steps: int | None = None
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        check(
+            is_int(self.num_workers) and self.num_workers >= 1,
+            "num_workers",
+            self.num_workers,
+            "a positive integer",
+        )
+        check(
+            self.min_workers is None
+            or (is_int(self.min_workers) and 1 <= self.min_workers <= self.num_workers),
+            "min_workers",
+            self.min_workers,
+            f"None or an integer in [1, num_workers={self.num_workers}]",
+        )
+        check(
+            is_number(self.resize_interval) and self.resize_interval > 0,
+            "resize_interval",
+            self.resize_interval,
+            "a number of seconds > 0",
+        )
+        check(
+            is_number(self.gpus_per_worker) and self.gpus_per_worker >= 0,
+            "gpus_per_worker",
+            self.gpus_per_worker,
+            "a number >= 0",
+        )
+        check(
+            is_number(self.cpus_per_worker) and self.cpus_per_worker > 0,
+            "cpus_per_worker",
+            self.cpus_per_worker,
+            "a number > 0",
+        )
+        storage = "a local folder or s3://bucket/prefix"
+        check(
+            isinstance(self.storage_path, str) and bool(self.storage_path),
+            "storage_path",
+            self.storage_path,
+            storage,
+        )
+        scheme = urlparse(self.storage_path).scheme
+        if is_s3(self.storage_path):
+            check(
+                bool(urlparse(self.storage_path).netloc),
+                "storage_path",
+                self.storage_path,
+                "s3://bucket[/prefix] with a bucket",
+            )
+        else:
+            check(len(scheme) <= 1, "storage_path", self.storage_path, storage)  # C: is a drive
+            path = os.path.abspath(os.path.expanduser(self.storage_path))
+            object.__setattr__(self, "storage_path", path)
+        if self.storage_options is not None:
+            check(
+                isinstance(self.storage_options, dict),
+                "storage_options",
+                self.storage_options,
+                "a dict or None",
+            )
+            unknown = sorted(set(self.storage_options) - set(S3_OPTION_KEYS))
+            check(
+                not unknown, "storage_options", unknown, f"keys among {', '.join(S3_OPTION_KEYS)}"
+            )
+            check(
+                is_s3(self.storage_path),
+                "storage_options",
+                "...",
+                "None unless storage_path is s3://...",
+            )
+        check(
+            self.name is None or (isinstance(self.name, str) and bool(_NAME.match(self.name))),
+            "name",
+            self.name,
+            "None or letters, digits, '_', '.', '-' (no '/')",
+        )
+        check(
+            is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
+            "checkpoint_every",
+            self.checkpoint_every,
+            "a positive integer of epochs",
+        )
+        check(
+            self.checkpoint_every_steps is None
+            or (is_int(self.checkpoint_every_steps) and self.checkpoint_every_steps >= 1),
+            "checkpoint_every_steps",
+            self.checkpoint_every_steps,
+            "None or a positive integer of global steps",
+        )
+        check(
+            is_int(self.max_failures) and self.max_failures >= -1,
+            "max_failures",
+            self.max_failures,
+            "an integer >= -1 (-1: no limit)",
+        )
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the number of workers may change during the run."""
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    @property
+    def run_uri(self) -> str:
+        """The run's folder (checkpoints, history, plot): ``<storage_path>/<name>``."""
+        if self.name is None:
+            raise ValueError("the run has no name yet")
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunSettings:
+        return _from_dict(cls, data, "run setting")
+
+    def replace(self, **changes: Any) -> RunSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def run_name(train: TrainConfig) -> str:
+    """A unique run name: ``granet-<model>-<method>-<UTC time>-<4 hex>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"granet-{train.model}-{train.granet.method}-{stamp}-{secrets.token_hex(2)}"

@@ -11,6 +11,7 @@ import torch
 from granet_ray.sparsity.criteria import (
     global_magnitude_prune,
     keep_top,
+    kth_largest,
     layerwise_magnitude_prune,
     prune_and_regrow,
     random_scores,
@@ -61,6 +62,41 @@ def test_keep_top_ties_go_to_lower_index() -> None:
     assert keep_top(scores, 5).tolist() == [True, True, True, True, False, True]
     many = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0])
     assert keep_top(many, 4).tolist() == [True, True, True, False, False, False, False, True]
+
+
+def _tied_scores(seed: int, n: int) -> torch.Tensor:
+    """n scores from only 5 distinct values, plus -1 (an inactive position's masked score)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 5, (n,), generator=g).float() * 0.25
+    scores[torch.rand(n, generator=g) < 0.2] = -1.0
+    return scores
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 91])
+def test_kth_largest_kthvalue_and_topk_agree_at_every_k(seed: int, n: int) -> None:
+    """Both threshold methods (kthvalue: the CPU default; topk of the smaller side: the CUDA
+    default) give the same k-th largest value, so masks are the same on every device."""
+    scores = _tied_scores(seed, n)
+    ordered = sorted(scores.tolist(), reverse=True)
+    for k in range(1, n + 1):
+        by_kthvalue = kth_largest(scores, k, method="kthvalue")
+        by_topk = kth_largest(scores, k, method="topk")
+        assert by_kthvalue.dim() == by_topk.dim() == 0
+        assert by_kthvalue.item() == by_topk.item() == ordered[k - 1], k
+    assert kth_largest(scores, 1).item() == ordered[0]  # the default method on this device
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_keep_top_same_masks_with_either_method(seed: int) -> None:
+    scores = _tied_scores(seed, 6 * 15).view(6, 15)
+    flat = scores.reshape(-1).tolist()
+    for k in range(0, scores.numel() + 2):
+        by_kthvalue = keep_top(scores, k, method="kthvalue")
+        by_topk = keep_top(scores, k, method="topk")
+        assert torch.equal(by_kthvalue, by_topk), k
+        expected = _ref_top(flat, list(range(len(flat))), k)  # ties to the lower flat index
+        assert set(torch.nonzero(by_topk.reshape(-1)).reshape(-1).tolist()) == expected, k
 
 
 # --- global / layerwise magnitude pruning ----------------------------------------------------

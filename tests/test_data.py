@@ -237,8 +237,20 @@ def test_synthetic_imagenet_deterministic() -> None:
 # ---------------------------------------------------------------------------- names
 
 
+def test_synthetic_data_in_every_real_datasets_shape() -> None:
+    for name, shape, classes in (("cifar10", (3, 32, 32), 10), ("mnist5k", (1, 28, 28), 10)):
+        bundle = build_datasets(f"synthetic_{name}", train_size=16)
+        assert (len(bundle.train), len(bundle.test)) == (16, 64)
+        assert bundle.input_shape == shape and bundle.num_classes == classes
+        image, label = bundle.test[63]
+        assert image.shape == shape and 0 <= label < classes
+
+
 def test_dataset_names() -> None:
-    assert DATASET_NAMES == ("mnist5k", "cifar10", "imagenet", "synthetic_imagenet")
+    assert DATASET_NAMES == (
+        "mnist5k", "cifar10", "imagenet", "synthetic_imagenet", "synthetic_cifar10",
+        "synthetic_mnist5k",
+    )  # fmt: skip
 
 
 def test_unknown_dataset_name() -> None:

@@ -2,7 +2,9 @@
 update although each worker sees different data, and a perturbed mask fails loudly.
 
 The workers train WITHOUT DDP, so their weights and gradients really differ: only the
-score all-reduce of ``DistributedSync`` can make their mask decisions agree.
+score all-reduce of ``DistributedSync`` can make their mask decisions agree. The mask check
+is exact: differences that keep every count and every sum of positions (which a hash of
+positions summed over a layer can miss) fail too, naming the layer and the step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from granet_ray.distributed import (
     DistributedSync,
     MaskDivergenceError,
     gather_objects,
+    pack_masks,
     sum_across_workers,
 )
 from granet_ray.sparsity import GraNet
@@ -29,6 +32,10 @@ EPOCHS = 6
 PERTURB_AFTER = 25  # a regrow-only update step (pruning ends at step 20)
 PERTURBED_LAYER = "3.weight"
 SCENARIOS = ("sync", "local", "perturb")
+SHIFT_DRAWS = 30
+# sorted by name: a 25-element layer (padded to 32 bits) before and an odd one after the conv
+CHECK_LAYERS = {"a.weight": (5, 5), "conv.weight": (64, 64, 3, 3), "z.weight": (3, 7)}
+ALL_FLAGS = [(True, True), (True, False), (False, True), (False, False)]  # (rank 0, rank 1)
 
 
 def _model() -> nn.Module:
@@ -88,6 +95,63 @@ def _train(rank: int, scenario: str) -> dict:
     return {"masks": masks_after, "error": error, "weights": weights}
 
 
+def _shift(mask: torch.Tensor, generator: torch.Generator) -> tuple[int, int, int]:
+    """Move one active position up by d and another down by d, both onto inactive positions:
+    the count and the sum of active positions stay the same. Returns (i, j, d)."""
+    flat = mask.view(-1)
+    n = flat.numel()
+    while True:
+        d = int(torch.randint(1, 200, (1,), generator=generator))
+        i, j = (int(v) for v in torch.randint(0, n, (2,), generator=generator))
+        targets = {i + d, j - d}
+        if (
+            i != j
+            and d <= j
+            and i + d < n
+            and len(targets) == 2
+            and bool(flat[i])
+            and bool(flat[j])
+            and not any(bool(flat[k]) for k in targets)
+        ):
+            flat[i], flat[i + d], flat[j], flat[j - d] = False, True, False, True
+            return i, j, d
+
+
+def _check_errors(rank: int) -> dict:
+    """``DistributedSync.check`` on identical masks, on SHIFT_DRAWS shifts of one conv layer
+    on rank 1 only, and on one flipped padding-adjacent bit: each error message or None."""
+    sync = DistributedSync()
+    base = {
+        n: torch.rand(s, generator=torch.Generator().manual_seed(7)) < 0.3
+        for n, s in CHECK_LAYERS.items()
+    }
+
+    def check(masks: dict[str, torch.Tensor], step: int) -> str | None:
+        try:
+            sync.check(masks, step)
+        except MaskDivergenceError as err:
+            return str(err)
+        return None
+
+    results: dict = {"same": check(base, 1), "shifts": [], "moves": []}
+    for draw in range(SHIFT_DRAWS):
+        masks = {n: m.clone() for n, m in base.items()}
+        if rank == 1:
+            results["moves"].append(
+                _shift(masks["conv.weight"], torch.Generator().manual_seed(draw))
+            )
+            positions = torch.nonzero(masks["conv.weight"].view(-1)).view(-1)
+            original = torch.nonzero(base["conv.weight"].view(-1)).view(-1)
+            assert positions.numel() == original.numel()
+            assert int(positions.sum()) == int(original.sum())
+        results["shifts"].append(check(masks, 100 + draw))
+    masks = {n: m.clone() for n, m in base.items()}
+    if rank == 0:
+        masks["a.weight"].view(-1)[-1] ^= True  # the last bit before the padding
+    results["last_bit"] = check(masks, 7)
+    return results
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     """One of two gloo processes: every scenario in turn, then the small collectives."""
     torch.set_num_threads(1)  # two processes on two cores
@@ -96,6 +160,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         results = {scenario: _train(rank, scenario) for scenario in SCENARIOS}
         results["sums"] = sum_across_workers([1.5 + rank, 10 * rank, 3])
         results["objects"] = gather_objects({"rank": rank})
+        results["checks"] = _check_errors(rank)
+        results["all"] = [DistributedSync().all(flags[rank]) for flags in ALL_FLAGS]
         torch.save(results, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -151,6 +217,45 @@ def test_perturbed_mask_on_one_worker_fails_naming_layer_and_step(workers: list[
         assert f"layer {PERTURBED_LAYER}" in result["error"]
         assert "step 30" in result["error"]
     assert max(first["masks"]) == PERTURB_AFTER  # the failing update recorded nothing
+
+
+def test_check_is_exact_for_shifts_that_keep_counts_and_position_sums(
+    workers: list[dict],
+) -> None:
+    """One active weight moved up by d and another down by d on one worker only: counts and
+    the sum of positions are unchanged, yet every draw fails on both workers, naming the
+    layer, the step and the 4 positions that differ."""
+    moves = workers[1]["checks"]["moves"]
+    assert len(moves) == SHIFT_DRAWS and len({d for _, _, d in moves}) > 10  # varied shifts
+    for result in workers:
+        checks = result["checks"]
+        assert checks["same"] is None  # identical masks pass
+        assert len(checks["shifts"]) == SHIFT_DRAWS
+        for draw, error in enumerate(checks["shifts"]):
+            assert error is not None, draw
+            assert "layer conv.weight " in error and f"step {100 + draw}" in error, error
+            assert "differs at 4 of 36864 positions" in error, error
+        assert checks["last_bit"] is not None
+        assert "layer a.weight " in checks["last_bit"] and "at 1 of 25" in checks["last_bit"]
+
+
+def test_all_is_true_only_when_every_worker_says_true(workers: list[dict]) -> None:
+    for result in workers:
+        assert result["all"] == [True, False, False, False]
+
+
+def test_pack_masks_bits_by_name_each_layer_padded_to_bytes() -> None:
+    masks = {
+        "b": torch.tensor([True, False, True]),  # padded to 1 byte: 0b10100000
+        "a": torch.tensor([[True] * 4, [False, False, False, True]]),  # 0b11110001
+        "c": torch.ones(9, dtype=torch.bool),  # 2 bytes: 0xFF, 0b10000000
+    }
+    packed, sizes = pack_masks(masks)
+    assert packed.dtype == torch.uint8 and sizes == [1, 1, 2]
+    assert packed.tolist() == [0b11110001, 0b10100000, 0xFF, 0b10000000]
+    channels_last = torch.rand(2, 3, 4, 5) < 0.5
+    as_last = channels_last.to(memory_format=torch.channels_last)
+    assert torch.equal(pack_masks({"x": as_last})[0], pack_masks({"x": channels_last})[0])
 
 
 def test_sum_and_gather_across_workers(workers: list[dict]) -> None:

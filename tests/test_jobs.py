@@ -20,27 +20,36 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import ray
 from fixtures_ray import RAY_ENV
+from fixtures_s3 import S3_TEST_BUCKET
 
-import granet_ray.train.jobs
 from granet_ray.store import load_sparse
+from granet_ray.testing.seaweedfs import SeaweedFS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def _job(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """A job script as a module; contacting Ray fails the test."""
+    """A job script as a module; starting or contacting Ray fails the test."""
     spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
-    def connect(address: str | None = None) -> None:
-        raise AssertionError("the job contacted Ray despite an invalid configuration")
+    def init(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the job started Ray despite an invalid configuration")
 
-    monkeypatch.setattr(granet_ray.train.jobs, "connect", connect)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     return module
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -55,11 +64,21 @@ def _job(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
         ("mnist_demo", ["--checkpoint-every", "0"], "checkpoint_every=0 is invalid"),
         ("mnist_demo", ["--train-size", "99999"], "train_size=99999"),
         ("mnist_demo", ["--update-interval", "5000"], "hold no mask update"),
-        ("mnist_demo", ["--batch-size", "0"], "batch_size=0 is invalid"),
+        ("mnist_demo", ["--global-batch", "0"], "global_batch=0 is invalid"),
+        ("mnist_demo", ["--global-batch", "1"], "global_batch=1 is invalid"),  # 2 workers
+        ("mnist_demo", ["--storage", "/proc/granet-x"], "cannot"),
+        (
+            "mnist_demo",
+            ["--storage", "s3://bucket/x", "--s3-endpoint", "http://127.0.0.1:1"],
+            "at http://127.0.0.1:1",  # no credentials in the environment here
+        ),
         ("mnist_demo", ["--preset-file", "/nonexistent/best.json"], "cannot be read"),
         ("cifar10_resnet20", ["--data-root", "/nonexistent"], "/nonexistent"),
         ("imagenet_resnet50", ["--synthetic", "--lr", "-1"], "lr=-1.0 is invalid"),
         ("imagenet_resnet50", ["--synthetic", "--name", "a/b"], "name='a/b' is invalid"),
+        ("imagenet_resnet50", [], "data_root=None is invalid"),
+        ("cifar10_resnet20", [], "data_root=None is invalid"),
+        ("tune_schedules", ["--final-density", "1.5"], "final_density=1.5 is invalid"),
     ],
 )
 def test_invalid_flags_fail_before_ray_naming_the_field(
@@ -78,8 +97,6 @@ def test_invalid_flags_fail_before_ray_naming_the_field(
 @pytest.mark.parametrize(
     ("job", "flags", "message"),
     [
-        ("imagenet_resnet50", [], "--data-root is required"),
-        ("cifar10_resnet20", [], "--data-root"),
         ("mnist_demo", ["--method", "magic"], "invalid choice: 'magic'"),
         ("mnist_demo", ["--epochs", "two"], "invalid int value: 'two'"),
     ],
@@ -95,6 +112,33 @@ def test_missing_or_malformed_flags_are_usage_errors(
         _job(job, monkeypatch).main(flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_unreachable_s3_endpoint_fails_before_ray_within_seconds(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AK")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SK")
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    start = time.monotonic()
+    flags = ["--storage", "s3://bucket/x", "--s3-endpoint", endpoint]
+    assert _job("imagenet_resnet50", monkeypatch).main(["--synthetic", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach S3 endpoint") and endpoint in err
+    assert time.monotonic() - start < 15
+
+
+@pytest.mark.s3
+def test_wrong_s3_secret_fails_before_ray_naming_the_endpoint(
+    seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    flags = ["--storage", f"s3://{S3_TEST_BUCKET}/jobs", "--s3-endpoint", seaweedfs.endpoint_url]
+    assert _job("mnist_demo", monkeypatch).main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and seaweedfs.endpoint_url in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_invalid_flag_from_the_command_line_prints_one_line() -> None:
@@ -191,7 +235,7 @@ def ray_head() -> Iterator[dict[str, str]]:
 def test_ray_job_submit_trains_and_leaves_a_loadable_checkpoint(
     ray_head: dict[str, str], tmp_path: Path
 ) -> None:
-    flags = ["--epochs", "1", "--train-size", "256", "--batch-size", "32"]
+    flags = ["--epochs", "1", "--train-size", "256", "--global-batch", "32"]
     flags += ["--update-interval", "2", "--storage", str(tmp_path), "--name", "submitted"]
     command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python"]
     command += ["jobs/mnist_demo.py", *flags]

@@ -114,3 +114,14 @@ def test_regrow_fraction_by_hand_in_range_and_decreasing(p0: float, pmin: float)
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     quarter = regrow_fraction(total / 4, total, p0, pmin)
     assert quarter == pytest.approx(pmin + (p0 - pmin) * (1 + math.sqrt(0.5)) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("end", [750, 46, 7])
+def test_regrow_fraction_is_the_rigl_drop_fraction_over_t_end(end: int) -> None:
+    """The RigL paper's f(t) = (alpha / 2)(1 + cos(pi t / T_end)), alpha = 0.3: initial = alpha,
+    minimum = 0, period = T_end; it reaches exactly 0 at T_end."""
+    assert regrow_fraction(0, end, 0.3, 0.0) == 0.3
+    assert regrow_fraction(end, end, 0.3, 0.0) == 0.0
+    for t in range(end + 1):
+        expected = 0.15 * (1 + math.cos(math.pi * t / end))
+        assert regrow_fraction(t, end, 0.3, 0.0) == pytest.approx(expected, rel=1e-12, abs=1e-15)

@@ -16,20 +16,21 @@ from fixtures_s3 import S3_TEST_BUCKET
 from ray.util.queue import Queue
 from rich.console import Console
 
-from granet_ray.config import preset
+from granet_ray.config import ConfigError, RunSettings, preset
+from granet_ray.outcome import FitOutcome, evaluate_checkpoint
 from granet_ray.store import SparseCheckpoint, latest_checkpoint, list_checkpoints, load_sparse
+from granet_ray.testing.hooks import CrashAt
 from granet_ray.testing.seaweedfs import SeaweedFS
-from granet_ray.train import CrashAt, FitOutcome, RunSettings, build_trainer, fit
-from granet_ray.train.jobs import evaluate_checkpoint
+from granet_ray.train import build_trainer, fit
 
 pytestmark = pytest.mark.ray
 
-# 512 samples / 2 workers / batch 32 = 8 steps per epoch and worker, 24 steps in all;
+# 512 samples / global batch 64 (32 per worker) = 8 global steps per epoch, 24 in all;
 # pruning every 2 steps until step 16, regrowth every 2 steps until step 22.
 TINY = preset("mnist_demo").replace(
     train_size=512,
     epochs=3,
-    batch_size=32,
+    global_batch=64,
     lr_milestones=(2,),
     granet={"update_interval": 2, "prune_end": 2},
 )
@@ -91,7 +92,7 @@ def test_fit_reports_trains_and_checkpoints_to_s3(
     run_dir = outcome.run_uri.removeprefix("s3://")
     assert s3.cat(f"{run_dir}/training.png").startswith(b"\x89PNG")
     saved = json.loads(s3.cat(f"{run_dir}/history.json"))
-    assert saved == {"updates": outcome.history, "epochs": outcome.epochs}
+    assert saved == {"updates": outcome.history, "epochs": outcome.epochs, "resizes": []}
     assert latest_checkpoint(outcome.run_uri, storage_options=options) == outcome.checkpoint_uri
     assert [uri.rsplit("/", 1)[1] for uri in list_checkpoints(outcome.run_uri, options)] == [
         "checkpoint_epoch_0001",
@@ -102,7 +103,7 @@ def test_fit_reports_trains_and_checkpoints_to_s3(
 
 def test_fit_shows_progress_and_summary(reference: tuple[FitOutcome, str]) -> None:
     outcome, shown = reference
-    assert "training on 2 worker(s): 3 epochs of 8 steps per worker" in shown
+    assert "training on 2 worker(s): 3 epochs of 8 steps of 64 samples" in shown
     for epoch in (1, 2, 3):
         assert f"epoch   {epoch} step" in shown
     assert "fc1.weight" in shown and "training FLOPs" in shown  # the per-layer table
@@ -134,7 +135,7 @@ def test_crashed_worker_resumes_to_the_same_result(
     queue = Queue(actor_options={"num_cpus": 0})
     try:
         trainer = build_trainer(
-            TINY, run, progress_queue=queue, fault=CrashAt(CRASH_STEP, str(marker), rank=1)
+            TINY, run, progress_queue=queue, hooks=[CrashAt(CRASH_STEP, str(marker), rank=1)]
         )
         result = trainer.fit()
         events = [queue.get_nowait() for _ in range(queue.qsize())]
@@ -154,3 +155,10 @@ def test_crashed_worker_resumes_to_the_same_result(
 
 def _without_timing(epochs: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k != "samples_per_second"} for e in epochs]
+
+
+def test_build_trainer_checks_before_ray_is_needed() -> None:
+    with pytest.raises(ConfigError, match="epochs=0 is invalid"):
+        build_trainer(preset("mnist_demo").replace(epochs=0), RunSettings())
+    with pytest.raises(ConfigError, match="data_root"):
+        build_trainer(preset("imagenet_resnet50"), RunSettings())

@@ -5,28 +5,24 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from granet_ray.config import ConfigError, preset
-from granet_ray.tune.presets import dump_preset, load_preset_file, preset_file_name
+from granet_ray.config import preset
 from granet_ray.tune.results import (
     CSV_COLUMNS,
     TrialRow,
     analyze,
     best_per_density,
     comparison_markdown,
-    groups_table,
+    group_trials,
     pareto_front,
     pareto_png,
-    summarize,
     summary_markdown,
     trials_csv,
-    trials_table,
 )
+from granet_ray.ui.tables import groups_table, trials_table
 
 BASE = preset("mnist_demo").replace(epochs=3, lr_milestones=(2,), granet={"prune_end": 1.5})
 
@@ -62,7 +58,7 @@ ROWS = [
 
 
 def test_groups_average_finished_trials_over_seeds() -> None:
-    groups = {g.group: g for g in summarize(ROWS)}
+    groups = {g.group: g for g in group_trials(ROWS)}
     assert list(groups) == ["granet_df0.1", "rigl_df0.1", "granet_df0.02", "rigl_df0.02"]
     g = groups["granet_df0.1"]
     assert g.seeds == (0, 1) and g.accuracy_mean == pytest.approx(0.95)
@@ -80,11 +76,11 @@ def test_pareto_front_keeps_the_undominated_points_by_sparsity() -> None:
 
 
 def test_best_per_density_prefers_accuracy_then_fewer_training_flops() -> None:
-    groups = summarize(ROWS)
+    groups = group_trials(ROWS)
     best = best_per_density(groups)
     assert list(best) == [0.1, 0.02]
     assert best[0.1].group == "rigl_df0.1" and best[0.02].group == "granet_df0.02"
-    tie = summarize([_row("a", 0.1, 0, 0.9), _row("b", 0.1, 0, 0.9, training_flops=0.01)])
+    tie = group_trials([_row("a", 0.1, 0, 0.9), _row("b", 0.1, 0, 0.9, training_flops=0.01)])
     assert best_per_density(tie)[0.1].variant == "b"
 
 
@@ -116,25 +112,3 @@ def test_analysis_tables_and_files() -> None:
     shown = console.export_text()
     assert "7 finished, 1 stopped, 1 error" in shown
     assert "95.00% ± 1.41%" in shown and "Pareto preset" in shown
-
-
-def test_preset_files_round_trip_and_fail_naming_the_problem(tmp_path: Path) -> None:
-    train = ROWS[2].train
-    assert preset_file_name(0.02) == "best-density-0.02.json"
-    path = tmp_path / "p.json"
-    path.write_bytes(dump_preset(train))
-    assert load_preset_file(path) == train
-    yaml_path = tmp_path / "p.yaml"
-    yaml_path.write_text("granet: {method: gmp, final_density: 0.05, prune_end: 4}\n")
-    assert load_preset_file(yaml_path).granet.method == "gmp"
-    with pytest.raises(ConfigError, match="cannot be read"):
-        load_preset_file(tmp_path / "missing.json")
-    path.write_text(json.dumps({**train.to_dict(), "epochz": 3}))
-    with pytest.raises(ConfigError, match=r"p.json: unknown train config field\(s\) epochz"):
-        load_preset_file(path)
-    path.write_text(json.dumps({"granet": {"final_density": 2}}))
-    with pytest.raises(ConfigError, match="final_density=2 is invalid"):
-        load_preset_file(path)
-    path.write_text("[1, 2]")
-    with pytest.raises(ConfigError, match="must hold a mapping"):
-        load_preset_file(path)

@@ -9,17 +9,17 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import ray
 import yaml
 
-import granet_ray.tune.driver
-from granet_ray.config import ConfigError, preset
-from granet_ray.train import RunSettings
-from granet_ray.tune.jobs import space_from_args, sweep_parser
+from granet_ray.cli import build_parser, grid_overrides
+from granet_ray.config import ConfigError, RunSettings, preset
 from granet_ray.tune.space import (
     TRIAL_DRIVER_CPU,
     expand,
     load_space,
     max_concurrent_trials,
+    settle_asha,
     sweep_name,
     validate,
 )
@@ -29,7 +29,7 @@ RUN = RunSettings(num_workers=1, cpus_per_worker=0.99, storage_path="/tmp/unused
 SMALL = {
     "base": "mnist_demo",
     "epochs": 2,
-    "train": {"train_size": 256, "batch_size": 32},
+    "train": {"train_size": 256, "global_batch": 32},
     "variants": {"granet-s2s": {"method": "granet", "init_density": 0.5}},
     "grid": {"final_density": [0.1], "update_interval": [2], "prune_window": [[0, 1]]},
     "seeds": [0],
@@ -47,10 +47,10 @@ def _with(**changes: object) -> dict:
 def test_packaged_grids_expand_in_order_with_stable_names() -> None:
     smoke = expand(load_space("smoke"))
     assert [p.name for p in smoke] == [
-        "granet-d2s_df0.1_dt4_w0-1.5_p0.5_s0",
-        "rigl_df0.1_dt4_w0-1.5_p0.5_s0",
-        "granet-d2s_df0.005_dt4_w0-1.5_p0.5_s0",
-        "rigl_df0.005_dt4_w0-1.5_p0.5_s0",
+        "granet-d2s_df0.1_dt4_w0-1.5_s0",
+        "rigl_df0.1_dt4_w0-1.5_s0",
+        "granet-d2s_df0.005_dt4_w0-1.5_s0",
+        "rigl_df0.005_dt4_w0-1.5_s0",
     ]
     paper = load_space("paper")
     assert paper.asha is not None and len(expand(paper)) == 2 * 3 * 2
@@ -62,7 +62,11 @@ def test_packaged_grids_expand_in_order_with_stable_names() -> None:
         g = p.train.granet
         assert p.train.seed == g.seed == p.seed and p.name == f"{p.group}_s{p.seed}"
         assert (p.train.epochs, p.train.train_size, g.update_interval) == (3, 2000, 10)
-        assert (g.prune_start, g.prune_end, g.regrow_fraction) == (0, 1.5, 0.5)
+        assert (p.train.global_batch, p.train.lr) == (32, 0.05)
+        assert (g.prune_start, g.prune_end) == (0, 1.5)
+        # each method's own regrowth: p0 = 0.5 for GraNet, the RigL paper's 0.3 for RigL/SET
+        expected_fraction = {"rigl": 0.3, "set": 0.3, "gmp": 0.0}.get(p.variant, 0.5)
+        assert g.initial_fraction == expected_fraction
         expected_start = {"granet-d2s": 1.0, "granet-s2s": 0.5, "gmp": 1.0}
         assert g.start_density == expected_start.get(p.variant, g.final_density)
     # Same budget for every method: only the GraNet fields differ between trials.
@@ -121,12 +125,13 @@ def test_overrides_merge_grid_train_and_asha_and_replace_the_rest() -> None:
         (_with(seeds=[]), "seeds=[] is invalid"),
         (_with(seeds=[0, 0]), "seeds=[0, 0] is invalid"),
         (_with(asha={"reduction_factor": 1}), "asha.reduction_factor=1 is invalid"),
-        (_with(asha={"grace_period": 2}), "asha.grace_period=2 is invalid"),
+        (_with(asha={"grace_period": 2}), "asha.grace_period=2 is invalid"),  # = epochs
         (_with(asha={"grace": 1}), "unknown asha field(s) grace"),
         (_with(base="nope"), "base='nope' is invalid"),
         (_with(epochs=0), "epochs=0 is invalid"),
         (_with(train={"seed": 3}), "train.seed=3 is invalid"),
-        (_with(train={"batch_size": 0}), "batch_size=0 is invalid"),
+        (_with(train={"global_batch": 0}), "global_batch=0 is invalid"),
+        (_with(train={"batch_size": 32}), "unknown train field(s) batch_size"),
         (_with(train={"train_size": 99999}), "train_size=99999"),
         (_with(train={"optimiser": "sgd"}), "unknown train field(s) optimiser"),
         (_with(name="a b"), "name='a b' is invalid"),
@@ -150,7 +155,7 @@ def test_an_invalid_combination_names_the_trial() -> None:
 
 
 def test_grid_files_are_read_with_relative_preset_bases(tmp_path: Path) -> None:
-    best = preset("mnist_demo").replace(train_size=128, batch_size=16)
+    best = preset("mnist_demo").replace(train_size=128, global_batch=16)
     (tmp_path / "best.json").write_text(json.dumps(best.to_dict()))
     grid = {k: v for k, v in SMALL.items() if k not in ("base", "train")}
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**grid, "base": "best.json"}))
@@ -189,18 +194,32 @@ def test_concurrent_trials_follow_the_cluster_and_the_workers_per_trial() -> Non
 
 
 def _job(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """jobs/tune_schedules.py as a module; contacting Ray fails the test."""
+    """jobs/tune_schedules.py as a module; starting Ray fails the test."""
     spec = importlib.util.spec_from_file_location("job_tune", ROOT / "jobs" / "tune_schedules.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
-    def connect(address: str | None = None) -> None:
-        raise AssertionError("the sweep job contacted Ray")
+    def init(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the sweep job started Ray")
 
-    monkeypatch.setattr(module, "connect", connect)
-    monkeypatch.setattr(granet_ray.tune.driver, "connect", connect)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     return module
+
+
+def test_asha_waits_for_the_end_of_the_pruning_windows() -> None:
+    """Spec-v2 issue, point 9: before every trial's pruning window ends trials sit at
+    different densities, so ASHA's first rung comes after it (or ASHA is turned off)."""
+    space = load_space("smoke", {"asha": {"grace_period": 1}})
+    settled, note = settle_asha(space, expand(space))
+    assert settled.asha is not None and settled.asha.grace_period == 2
+    assert note == "ASHA grace_period 1 -> 2 epochs: pruning windows end at epoch 1.5"
+    late = load_space("smoke", {"grid": {"prune_window": [[0, 2.5]]}})
+    settled, note = settle_asha(late, expand(late))
+    assert settled.asha is None and note is not None and "ASHA early stopping is off" in note
+    fine = load_space("smoke")
+    assert settle_asha(fine, expand(fine)) == (fine, None)
 
 
 @pytest.mark.parametrize(
@@ -213,6 +232,7 @@ def _job(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
         (["--seeds", "-1"], "seeds=[-1] is invalid"),
         (["--num-workers", "0"], "num_workers=0 is invalid"),
         (["--grace-period", "3"], "asha.grace_period=3 is invalid"),
+        (["--synthetic"], "synthetic=True is invalid for a sweep"),
         (["--storage", "ftp://x/y"], "storage_path='ftp://x/y' is invalid"),
     ],
 )
@@ -241,7 +261,7 @@ def test_flags_replace_the_grid_and_a_dry_run_lists_the_trials(
 ) -> None:
     flags = ["--grid", "smoke", "--method", "gmp", "set", "--final-density", "0.2", "0.1"]
     flags += ["--prune-window", "0:1", "--seeds", "3", "--epochs", "2", "--no-asha"]
-    space = space_from_args(sweep_parser("x").parse_args(flags))
+    space = load_space("smoke", grid_overrides(build_parser().parse_args(["sweep", *flags])))
     assert list(space.variants) == ["gmp", "set"] and space.asha is None
     assert space.grid["final_density"] == [0.2, 0.1] and space.grid["prune_window"] == [[0, 1]]
     assert space.seeds == (3,) and space.base.epochs == 2
@@ -249,4 +269,4 @@ def test_flags_replace_the_grid_and_a_dry_run_lists_the_trials(
     assert _job(monkeypatch).main([*flags, "--dry-run"]) == 0
     shown = capsys.readouterr().out
     assert "4 trials (dry run)" in shown and "sweep-smoke-" in shown
-    assert "gmp_df0.2_dt4_w0-1_p0.5_s3" in shown and "set_df0.1_dt4_w0-1_p0.5_s3" in shown
+    assert "gmp_df0.2_dt4_w0-1_s3" in shown and "set_df0.1_dt4_w0-1_s3" in shown

@@ -20,12 +20,13 @@ from ray import tune
 from ray.tune.experiment import Trial
 from rich.console import Console
 
+from granet_ray.checks import preflight
+from granet_ray.cli import build_parser, grid_overrides, run_settings
+from granet_ray.config import load_preset_file
 from granet_ray.store import load_sparse
-from granet_ray.train.jobs import run_settings
-from granet_ray.train.preflight import preflight
-from granet_ray.tune import load_preset_file, sweep
+from granet_ray.tune import sweep
 from granet_ray.tune.driver import RESULTS_DIR, RUNS_DIR, SweepOutcome
-from granet_ray.tune.jobs import space_from_args, sweep_parser
+from granet_ray.tune.space import load_space
 
 pytestmark = pytest.mark.ray
 
@@ -70,12 +71,12 @@ def swept(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     """The first call interrupted, then the job run again with the same flags."""
     storage = tmp_path_factory.mktemp("sweeps")
     argv = ["--grid", "smoke", "--storage", str(storage), "--max-concurrent", "1"]
-    args = sweep_parser("test").parse_args(argv)
+    args = build_parser().parse_args(["sweep", *argv])
     out = io.StringIO()
     interrupt = InterruptOnce()
     first = sweep(
-        space_from_args(args),
-        run_settings(args),
+        load_space(args.grid, grid_overrides(args)),
+        run_settings(args, sweep=True),
         max_concurrent=args.max_concurrent,
         console=Console(file=out, width=200),
         callbacks=[interrupt],
@@ -104,7 +105,7 @@ def test_an_interrupted_sweep_reports_what_is_left(swept: Sweep) -> None:
     assert statuses[:2] in (["finished", "finished"], ["finished", "stopped"])
     assert statuses[2:] == ["unfinished", "unfinished"]
     assert first.presets == {} and first.plot_uri is None and first.analysis is None
-    assert "granet-d2s_df0.1_dt4_w0-1.5_p0.5_s0 finished" in swept.first_shown
+    assert "granet-d2s_df0.1_dt4_w0-1.5_s0 finished" in swept.first_shown
     assert "interrupted with 2 trial(s) left" in swept.first_shown
     assert "run the same command again" in swept.first_shown
 
@@ -123,10 +124,11 @@ def test_running_the_same_command_again_runs_only_the_trials_left(swept: Sweep) 
 
 
 def test_asha_stops_a_trial_early_and_the_others_run_every_epoch(swept: Sweep) -> None:
-    # RigL at 0.5% density trails granet at 0.5% after epoch 1 and is stopped there.
+    # RigL at 0.5% density trails granet at 0.5% at epoch 2, ASHA's first rung (the first
+    # epoch after the pruning window), and is stopped there.
     stopped = {r["name"]: r for r in swept.rows if r["status"] == "stopped"}
-    assert stopped["rigl_df0.005_dt4_w0-1.5_p0.5_s0"]["epoch"] == "1"
-    assert "rigl_df0.005_dt4_w0-1.5_p0.5_s0 stopped early (ASHA)" in swept.second_shown
+    assert stopped["rigl_df0.005_dt4_w0-1.5_s0"]["epoch"] == "2"
+    assert "rigl_df0.005_dt4_w0-1.5_s0 stopped early (ASHA)" in swept.second_shown
     assert all(int(r["epoch"]) < int(r["epochs"]) for r in stopped.values())
     for r in swept.rows:
         if r["status"] == "finished":

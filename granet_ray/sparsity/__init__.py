@@ -9,12 +9,13 @@ from granet_ray.sparsity.allocation import (
 from granet_ray.sparsity.criteria import (
     global_magnitude_prune,
     keep_top,
+    kth_largest,
     layerwise_magnitude_prune,
     prune_and_regrow,
     random_scores,
     regrow_count,
 )
-from granet_ray.sparsity.engine import GraNet, LocalSync, MaskSync
+from granet_ray.sparsity.engine import GraNet, LocalSync, MaskSync, neutral_state_keys
 from granet_ray.sparsity.flops import FlopsRecorder, forward_flops, relative_flops
 from granet_ray.sparsity.layers import prunable_parameters, unwrap, weight_layers
 from granet_ray.sparsity.schedules import pruning_updates, regrow_fraction, target_density
@@ -31,8 +32,10 @@ __all__ = [
     "global_magnitude_prune",
     "initial_masks",
     "keep_top",
+    "kth_largest",
     "layer_generator",
     "layerwise_magnitude_prune",
+    "neutral_state_keys",
     "prunable_parameters",
     "prune_and_regrow",
     "pruning_updates",

@@ -17,20 +17,34 @@ Tensors = dict[str, torch.Tensor]
 _GUARD = 1e-9  # absorbs binary rounding such as 0.29 * 100 = 28.999999999999996
 
 
-def keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask (same shape) of the k largest ``scores``; ties go to the lower flat index."""
+def kth_largest(flat: torch.Tensor, k: int, *, method: str | None = None) -> torch.Tensor:
+    """The k-th largest value (0-d tensor) of a 1-D tensor of n elements, 1 <= k <= n, exactly.
+
+    ``method``: ``kthvalue`` (the default on the CPU) or ``topk`` of the smaller side (the
+    default on CUDA, where kthvalue's kernel is slow on large tensors); both give the same
+    value, so masks are identical on every device."""
+    n = flat.numel()
+    method = method or ("kthvalue" if flat.device.type == "cpu" else "topk")
+    if method == "kthvalue":
+        return torch.kthvalue(flat, n - k + 1).values
+    if k <= n - k + 1:
+        return torch.topk(flat, k, sorted=False).values.min()
+    return torch.topk(flat, n - k + 1, largest=False, sorted=False).values.max()
+
+
+def keep_top(scores: torch.Tensor, k: int, *, method: str | None = None) -> torch.Tensor:
+    """Bool mask (same shape) of the k largest ``scores``; ties go to the lower flat index.
+    ``method`` picks how the threshold is found (see ``kth_largest``)."""
     flat = scores.reshape(-1)
     n = flat.numel()
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values
-    keep = flat >= threshold
-    extra = int(keep.count_nonzero()) - k
-    if extra:  # ties at the threshold: drop the highest-index tied positions
-        ties = torch.nonzero(flat == threshold).reshape(-1)
-        keep[ties[ties.numel() - extra :]] = False
+    threshold = kth_largest(flat, k, method=method)
+    keep = flat > threshold
+    ties = torch.nonzero(flat == threshold).reshape(-1)
+    keep[ties[: k - int(keep.count_nonzero())]] = True  # the lowest-index ties fill up to k
     return keep.view(scores.shape)
 
 

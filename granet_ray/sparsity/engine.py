@@ -2,9 +2,10 @@
 
 It owns the bool masks of the prunable weights, keeps inactive weights and their optimizer
 state at exactly zero, runs the mask update every ``update_interval`` steps (gradual magnitude
-pruning, then zero-cost regeneration) and records per-update statistics and FLOPs.
-All decisions are delegated to the pure functions of this package; the only cross-worker
-communication goes through a small ``MaskSync`` object (see ``granet_ray.distributed``).
+pruning, then regeneration, as the method's row of ``config.METHODS`` says) and records
+per-update statistics and FLOPs. All decisions are delegated to the pure functions of this
+package; the only cross-worker communication goes through a small ``MaskSync`` object (see
+``granet_ray.distributed``). Between mask updates ``step()`` never waits for the device.
 """
 
 from __future__ import annotations
@@ -22,12 +23,54 @@ from granet_ray.sparsity.criteria import (
     layerwise_magnitude_prune,
     prune_and_regrow,
     random_scores,
+    regrow_count,
 )
 from granet_ray.sparsity.flops import FlopsRecorder, relative_flops
 from granet_ray.sparsity.layers import prunable_parameters, weight_layers
 from granet_ray.sparsity.schedules import pruning_updates, regrow_fraction, target_density
 
 Tensors = dict[str, torch.Tensor]
+
+# Weight-shaped optimizer state whose neutral value is 0 (spec section 2): masked with the
+# weight, so a newly grown weight starts with no history. By optimizer class (and its bases).
+NEUTRAL_STATE: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
+    torch.optim.SGD: ("momentum_buffer",),
+    torch.optim.Adam: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    torch.optim.AdamW: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    torch.optim.RMSprop: ("square_avg", "momentum_buffer", "grad_avg"),
+    torch.optim.Adagrad: ("sum",),
+}
+# State of optimizers the spec refuses (section 2), named in the error.
+NON_NEUTRAL_STATE: dict[type[torch.optim.Optimizer], str] = {
+    torch.optim.Rprop: "'step_size' (starts at lr)",
+    torch.optim.LBFGS: "'old_dirs' / 'old_stps' (a curvature history over all weights together)",
+}
+
+
+def neutral_state_keys(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
+    """The optimizer's weight-shaped state keys that are neutral at 0; ``ConfigError`` naming
+    the optimizer (and the state) when the engine cannot keep a grown weight's state right."""
+    kind = type(optimizer).__name__
+    for cls in type(optimizer).__mro__:
+        if cls in NEUTRAL_STATE:
+            break
+    else:
+        supported = ", ".join(c.__name__ for c in NEUTRAL_STATE)
+        known = next((v for c, v in NON_NEUTRAL_STATE.items() if isinstance(optimizer, c)), None)
+        state = f"its state {known} is not" if known else "its state is not known to be"
+        raise ConfigError(
+            f"optimizer={kind} is invalid: {state} neutral at 0, so a regrown weight would "
+            f"inherit stale state; use one of {supported}"
+        )
+    if cls is torch.optim.Adagrad:
+        for group in optimizer.param_groups:
+            if group.get("initial_accumulator_value", 0) != 0:
+                raise ConfigError(
+                    f"optimizer={kind} is invalid: its state 'sum' starts at "
+                    f"initial_accumulator_value={group['initial_accumulator_value']}, not 0, "
+                    "so a regrown weight's state cannot be reset to it; use 0"
+                )
+    return NEUTRAL_STATE[cls]
 
 
 class MaskSync(Protocol):
@@ -37,6 +80,10 @@ class MaskSync(Protocol):
 
     def average(self, tensors: Tensors) -> Tensors:
         """The element-wise mean of each tensor across workers (same keys, same shapes)."""
+        ...
+
+    def all(self, flag: bool) -> bool:
+        """True iff ``flag`` is True on every worker."""
         ...
 
     def check(self, masks: Tensors, step: int) -> None:
@@ -52,6 +99,9 @@ class LocalSync:
     def average(self, tensors: Tensors) -> Tensors:
         return tensors
 
+    def all(self, flag: bool) -> bool:
+        return flag
+
     def check(self, masks: Tensors, step: int) -> None:
         return None
 
@@ -60,11 +110,13 @@ class GraNet:
     """Sparse training engine (spec sections 1-6).
 
     Args:
-        model: the network (may be DDP-wrapped); its Conv / Linear weights are prunable.
-        optimizer: its weight-shaped state tensors are masked with the weights.
+        model: the network (may be wrapped in DDP or ``torch.compile``); its Conv / Linear
+            weights are prunable, named as in the plain model.
+        optimizer: its weight-shaped state that is neutral at 0 is masked with the weights
+            (``NEUTRAL_STATE``); other optimizers are refused with a ``ConfigError``.
         config: method and schedule; epochs in it are converted with ``steps_per_epoch``.
-        total_steps: T, optimizer steps of the whole run.
-        steps_per_epoch: optimizer steps per epoch on one worker.
+        total_steps: T, global optimizer steps of the whole run.
+        steps_per_epoch: global optimizer steps per epoch (the same at any worker count).
         sync: cross-worker agreement; ``LocalSync`` (default) for one process.
 
     The constructor applies the initial masks to the model. To resume, build the engine
@@ -87,7 +139,9 @@ class GraNet:
                 "must both be positive"
             )
         self.config = config
+        self.spec = config.spec
         self.optimizer = optimizer
+        self._state_keys = neutral_state_keys(optimizer)
         self.total_steps = total_steps
         self.sync: MaskSync = sync or LocalSync()
         self.params = prunable_parameters(
@@ -100,29 +154,14 @@ class GraNet:
         self.prune_end = round(config.prune_end * steps_per_epoch)
         if config.regrow_end is not None:
             self.regrow_end = round(config.regrow_end * steps_per_epoch)
-        elif config.method == "rigl":
-            self.regrow_end = math.floor(0.75 * total_steps)
         else:
-            self.regrow_end = total_steps
-        if config.prunes and self.prune_end > total_steps:
-            raise ConfigError(
-                f"granet.prune_end={config.prune_end} epochs = step {self.prune_end} is after "
-                f"the last step ({total_steps}): pruning would never reach final_density"
-            )
-        if config.prunes and config.final_density < config.start_density:
-            updates = pruning_updates(
-                update_interval=config.update_interval,
-                prune_start=self.prune_start,
-                prune_end=self.prune_end,
-            )
-            if updates == 0:
-                raise ConfigError(
-                    f"granet.prune_start..prune_end = {config.prune_start}..{config.prune_end} "
-                    f"epochs = steps {self.prune_start}..{self.prune_end} hold no mask update "
-                    f"at update_interval={config.update_interval}: widen the window or lower "
-                    "update_interval"
-                )
+            self.regrow_end = math.floor(self.spec.regrow_end * total_steps)
+        # the cosine's period: the whole run (GraNet) or up to the end of regrowth (RigL)
+        self.anneal_steps = max(1, total_steps if self.spec.anneal == "total" else self.regrow_end)
+        self._check_window(steps_per_epoch)
         self.step_count = 0
+        self.pending: int | None = None  # the due step of an update postponed (spec 2)
+        self._superseded: list[int] = []  # postponed updates a later due update replaced
         self.history: list[dict[str, Any]] = []
         self._flops = FlopsRecorder(model)
         self._density_steps = dict.fromkeys(self.params, 0.0)
@@ -132,47 +171,113 @@ class GraNet:
         else:
             allocate = erk_densities if config.init_allocation == "erk" else uniform_densities
             densities = allocate(shapes, config.start_density)
-            masks = initial_masks(shapes, densities, config.seed, device=self._device)
+            masks = initial_masks(shapes, densities, config.seed)
         self._set_masks(masks)
         self.apply_masks()
 
-    @property
-    def _device(self) -> torch.device:
-        return next(iter(self.params.values())).device
+    def _check_window(self, steps_per_epoch: int) -> None:
+        cfg = self.config
+        if not cfg.prunes:
+            return
+        if self.prune_end > self.total_steps:
+            raise ConfigError(
+                f"granet.prune_end={cfg.prune_end} epochs = step {self.prune_end} is after "
+                f"the last step ({self.total_steps}): pruning would never reach final_density"
+            )
+        window = pruning_updates(
+            update_interval=cfg.update_interval,
+            prune_start=self.prune_start,
+            prune_end=self.prune_end,
+        )
+        if window == 0 and cfg.final_density < cfg.start_density:
+            steps = self.prune_end - self.prune_start
+            raise ConfigError(
+                f"granet.prune_start..prune_end = {cfg.prune_start}..{cfg.prune_end} epochs = "
+                f"steps {self.prune_start}..{self.prune_end} hold no mask update at "
+                f"update_interval={cfg.update_interval} ({steps_per_epoch} steps per epoch): "
+                f"pass --update-interval {max(1, steps // 2)} or smaller, or widen the window "
+                "(--epochs, --prune-window)"
+            )
 
     # ---- masks -------------------------------------------------------------------------
     def _set_masks(self, masks: Tensors) -> None:
-        self.masks = {n: masks[n].to(self.params[n].device) for n in self.params}
-        self._inactive = {n: ~m for n, m in self.masks.items()}
+        """Keep ``masks`` in each weight's device and memory format, with multiplier copies
+        in the weight's dtype for the fused masking pass."""
+        self.masks = {}
+        for n, p in self.params.items():
+            mask = torch.empty_like(p, dtype=torch.bool)  # p's strides (channels_last too)
+            mask.copy_(masks[n])
+            self.masks[n] = mask
         self._active = {n: int(m.count_nonzero()) for n, m in self.masks.items()}
         self._densities = {n: self._active[n] / m.numel() for n, m in self.masks.items()}
+        self._dense = all(self._active[n] == m.numel() for n, m in self.masks.items())
+        self._multipliers: dict[torch.dtype, list[torch.Tensor]] = {}
+
+    def _multiplier(self, index: int, dtype: torch.dtype) -> torch.Tensor:
+        cached = self._multipliers.setdefault(dtype, [])
+        if not cached:
+            cached.extend(self.masks[n].to(dtype) for n in self.params)
+        return cached[index]
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """weight *= mask and every weight-shaped optimizer state tensor *= mask."""
-        for n, p in self.params.items():
-            inactive = self._inactive[n]
-            p.masked_fill_(inactive, 0.0)
-            for value in self.optimizer.state.get(p, {}).values():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    value.masked_fill_(inactive, 0.0)
+        """weight *= mask and every neutral-at-0 weight-shaped optimizer state *= mask, in one
+        fused pass per dtype (``torch._foreach_mul_``); nothing to do while every mask is all
+        ones. No host sync."""
+        if self._dense:
+            return
+        groups: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for i, p in enumerate(self.params.values()):
+            state = self.optimizer.state.get(p, {})
+            for tensor in (p, *(state.get(k) for k in self._state_keys)):
+                if torch.is_tensor(tensor) and tensor.shape == p.shape:
+                    targets, factors = groups.setdefault(tensor.dtype, ([], []))
+                    targets.append(tensor)
+                    factors.append(self._multiplier(i, tensor.dtype))
+        for targets, factors in groups.values():
+            torch._foreach_mul_(targets, factors)
 
     # ---- the training-loop hook ---------------------------------------------------------
     def step(self) -> dict[str, Any] | None:
-        """Call once after every ``optimizer.step()``. Returns the update's statistics on a
-        mask-update step, else None."""
+        """Call once after every ``optimizer.step()`` (also one the GradScaler skipped).
+        Returns the update's statistics when the masks were updated, else None.
+
+        A due update whose gradients are not all finite on every worker is postponed to the
+        next step with finite gradients and then runs with the schedule values of the step
+        it was due at (spec 2); a second due step before then supersedes it (listed in the
+        update's ``superseded``; its prune target still counts, see ``_update``)."""
         self.step_count += 1
         for n, d in self._densities.items():
             self._density_steps[n] += d
         self.apply_masks()
         t = self.step_count
-        prune_to = self._prune_target(t)
-        regrow = self._regrow_fraction(t)
-        if prune_to is None and regrow is None:
+        if self._is_due(t):
+            if self.pending is not None:  # non-finite gradients for a whole interval
+                self._superseded.append(self.pending)
+            self.pending = t
+        if self.pending is None:
             return None
-        stats = self._update(t, prune_to, regrow)
+        if not self.sync.all(self._gradients_finite()):
+            return None
+        due, self.pending = self.pending, None
+        stats = self._update(t, due)
         self.apply_masks()
         return stats
+
+    def _is_due(self, t: int) -> bool:
+        return self._prune_target(t) is not None or self._regrow_fraction(t) is not None
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient the optimizer holds is finite (one host sync)."""
+        grads = [
+            p.grad
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def _prune_target(self, t: int) -> float | None:
         if not self.config.prunes:
@@ -191,25 +296,39 @@ class GraNet:
         due = t % cfg.update_interval == 0 and t >= self.prune_start
         if not (cfg.regrows and due and t <= self.regrow_end and t < self.total_steps):
             return None
-        return regrow_fraction(t, self.total_steps, cfg.regrow_fraction, cfg.regrow_min)
+        fraction = regrow_fraction(t, self.anneal_steps, cfg.initial_fraction, cfg.min_fraction)
+        return fraction if fraction > 0 else None
+
+    def reads_gradients(self, step: int) -> bool:
+        """Whether ``engine.step()`` after optimizer step ``step`` may rank the dense
+        gradient of every weight: an update due at ``step``, or postponed to it, regrows by
+        gradient. A communication hook must then all-reduce them densely."""
+        if self.spec.regrow != "gradient":
+            return False
+        postponed = self.pending is not None and self._regrow_fraction(self.pending) is not None
+        return postponed or self._regrow_fraction(step) is not None
 
     @torch.no_grad()
-    def _update(self, t: int, prune_to: float | None, fraction: float | None) -> dict[str, Any]:
-        update = t // self.config.update_interval
+    def _update(self, t: int, due: int) -> dict[str, Any]:
+        """The mask update due at step ``due``, run at step ``t`` (spec section 3). A prune of a
+        superseded update is not lost: the cubic schedule never rises, so the lowest target
+        of the superseded and the due update is the latest one (the last prune still lands
+        on d_f when its update is superseded by a regrow-only one)."""
+        targets = (self._prune_target(s) for s in (*self._superseded, due))
+        prune_to = min((d for d in targets if d is not None), default=None)
+        fraction = self._regrow_fraction(due)
+        update = due // self.config.update_interval
         names = sorted(self.params)
-        weights = {n: self.params[n].detach() for n in names}
+        weights = {n: self.params[n].detach().abs() for n in names}
         grads: Tensors = {}
-        if fraction is not None and self.config.method != "set":
+        if fraction is not None and self.spec.regrow == "gradient":
             for n in names:
                 grad = self.params[n].grad
                 grads[n] = torch.zeros_like(weights[n]) if grad is None else grad.detach()
         if self.sync.world_size > 1:  # decide on the workers' mean |w| and mean gradient
-            scores = self.sync.average(
-                {
-                    **{f"w/{n}": w.abs() for n, w in weights.items()},
-                    **{f"g/{n}": g for n, g in grads.items()},
-                }
-            )
+            named = {f"w/{n}": w for n, w in weights.items()}
+            named.update({f"g/{n}": g for n, g in grads.items()})
+            scores = self.sync.average(named)
             weights = {n: scores[f"w/{n}"] for n in names}
             grads = {n: scores[f"g/{n}"] for n in grads}
         before = self.masks
@@ -219,31 +338,40 @@ class GraNet:
                 global_magnitude_prune if self.config.global_prune else layerwise_magnitude_prune
             )
             masks = prune(weights, masks, prune_to)
-        after_prune = masks
+            self._set_masks(masks)
+            self.apply_masks()  # spec 3a: a pruned weight is gone before regrowth
+        pruned, active = self.masks, dict(self._active)
         if fraction is not None:
-            if self.config.method == "set":
-                grads = random_scores(masks, self.config.seed, update)
-            masks = prune_and_regrow(weights, grads, masks, fraction)
+            if self.spec.regrow == "random":
+                grads = random_scores(pruned, self.config.seed, update)
+            masks = prune_and_regrow(weights, grads, pruned, fraction)
         self.sync.check(masks, t)
         self._set_masks(masks)
-        layers = {
-            n: {
+        layers = {}
+        for n in names:
+            regrown = 0 if fraction is None else regrow_count(fraction, active[n])
+            grown = int((masks[n] & ~pruned[n]).count_nonzero())  # inactive before (b)
+            layers[n] = {
                 "density": self._densities[n],
-                "pruned": int((before[n] & ~after_prune[n]).count_nonzero()),
-                "regrown": int((masks[n] & ~after_prune[n]).count_nonzero()),
+                "pruned": int((before[n] & ~pruned[n]).count_nonzero()),
+                "removed": regrown,  # (b) removes r_l and regrows r_l
+                "regrown": regrown,
+                "grown": grown,
+                "rekept": regrown - grown,  # removed and regrown in the same (b)
             }
-            for n in names
-        }
-        stats = {
+        stats: dict[str, Any] = {
             "step": t,
+            "due_step": due,
             "update": update,
             "target_density": prune_to,
             "density": self.density(),
             "regrow_fraction": fraction,
-            "pruned": sum(v["pruned"] for v in layers.values()),
-            "regrown": sum(v["regrown"] for v in layers.values()),
             "layers": layers,
         }
+        for key in ("pruned", "removed", "regrown", "grown", "rekept"):
+            stats[key] = sum(v[key] for v in layers.values())
+        if self._superseded:
+            stats["superseded"], self._superseded = self._superseded, []
         self.history.append(stats)
         return stats
 
@@ -252,15 +380,14 @@ class GraNet:
         """Fraction of prunable weights that are active."""
         return sum(self._active.values()) / sum(m.numel() for m in self.masks.values())
 
-    def layer_densities(self) -> dict[str, float]:
-        return dict(self._densities)
-
     def next_update_step(self) -> int | None:
         """The next optimizer step at which the masks may change, or None."""
+        if self.pending is not None:
+            return self.step_count + 1
         interval = self.config.update_interval
         t = (self.step_count // interval + 1) * interval
         while t <= self.total_steps:
-            if self._prune_target(t) is not None or self._regrow_fraction(t) is not None:
+            if self._is_due(t):
                 return t
             t += interval
         return None
@@ -304,6 +431,8 @@ class GraNet:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step_count,
+            "pending": self.pending,
+            "superseded": list(self._superseded),
             "masks": {n: m.cpu() for n, m in self.masks.items()},
             "density_steps": dict(self._density_steps),
             "history": list(self.history),
@@ -323,6 +452,8 @@ class GraNet:
                     f"the model's weight has {tuple(self.params[n].shape)}"
                 )
         self.step_count = int(state["step"])
+        self.pending = state.get("pending")
+        self._superseded = list(state.get("superseded", []))
         self._density_steps = {n: float(v) for n, v in state["density_steps"].items()}
         self.history = list(state["history"])
         self._set_masks({n: m.bool() for n, m in state["masks"].items()})

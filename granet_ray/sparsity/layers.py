@@ -7,16 +7,23 @@ from torch.nn.modules.conv import _ConvNd
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DataParallel / DistributedDataParallel, else the model itself."""
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
+    """The plain module inside any nesting of DataParallel, DistributedDataParallel and
+    ``torch.compile`` (its ``_orig_mod``), else the model itself: parameter and state-dict
+    names are then the same whatever wraps the model, so checkpoints interchange."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv*d and Linear modules by weight name (``"<module>.weight"``), in definition order."""
+    """Conv*d and Linear modules by weight name (``"<module>.weight"``, plain ``"weight"`` for
+    a bare Conv / Linear model), in definition order."""
     return {
-        f"{name}.weight": module
+        f"{name}.weight" if name else "weight": module
         for name, module in unwrap(model).named_modules()
         if isinstance(module, (_ConvNd, nn.Linear)) and module.weight.dim() >= 2
     }

@@ -1,4 +1,5 @@
-"""Schedules over optimizer steps: the cubic target density and the cosine regrowth fraction.
+"""Schedules over global optimizer steps: the cubic target density and the cosine regrowth
+fraction (GraNet's p_t and the RigL paper's drop fraction are the same curve).
 
 ``step`` is the 1-based optimizer step t; ``prune_start`` / ``prune_end`` are t0 / tf in steps.
 """
@@ -34,11 +35,14 @@ def target_density(
     return final_density + (init_density - final_density) * (1.0 - progress) ** 3
 
 
-def regrow_fraction(
-    step: int, total_steps: int, initial: float = 0.5, minimum: float = 0.005
-) -> float:
-    """Cosine-annealed regeneration fraction p_t = p_min + (p0 - p_min)(1 + cos(pi t / T)) / 2."""
-    return minimum + (initial - minimum) * (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
+def regrow_fraction(step: int, period: int, initial: float = 0.5, minimum: float = 0.005) -> float:
+    """Cosine-annealed fraction ``minimum + (initial - minimum)(1 + cos(pi t / period)) / 2``.
+
+    GraNet (spec 3b): p_t with p0 = 0.5, p_min = 0.005 over the whole run (period T). The RigL
+    paper (spec 4): f(t) = (alpha / 2)(1 + cos(pi t / T_end)), i.e. initial = alpha = 0.3,
+    minimum = 0 and period = T_end, so it reaches 0 at T_end.
+    """
+    return minimum + (initial - minimum) * (1.0 + math.cos(math.pi * step / period)) / 2.0
 
 
 def pruning_updates(*, update_interval: int, prune_start: int, prune_end: int) -> int:

@@ -1,1 +1,2 @@
-"""Test helpers (the SeaweedFS S3 server), for tests and benchmarks; not imported by the runtime."""
+"""Test helpers: the SeaweedFS S3 server and fault injection, for tests and benchmarks;
+never imported by the runtime."""

@@ -1,9 +1,9 @@
-"""GraNet sweeps on Ray Tune: search space (``space``), the Tuner driver (``driver``), results
-(``results``), preset files (``presets``), the live display (``display``) and the job's flags
-(``jobs``).
+"""GraNet sweeps on Ray Tune: the search space (``space``), early stopping per sparsity level
+(``asha``), the Tuner driver (``driver``), the results as data (``results``) and the live
+display (``progress``). Builds on ``granet_ray.train``.
 
-Names are imported on first use, so ``granet_ray.tune.presets`` (what a training job needs to
-read a sweep's preset) loads without Ray.
+Names are imported on first use, so the Ray-free ``space`` and ``results`` (what a dry run
+needs) load without Ray.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ _LAZY = {
     "load_space": "granet_ray.tune.space",
     "expand": "granet_ray.tune.space",
     "validate": "granet_ray.tune.space",
-    "load_preset_file": "granet_ray.tune.presets",
 }
 
 __all__ = list(_LAZY)

@@ -19,7 +19,7 @@ METRIC = "val_accuracy"
 TIME_ATTR = "epoch"
 
 
-def target_density(trial: Trial) -> float:
+def trial_level(trial: Trial) -> float:
     """The trial's target final density (its level)."""
     return float(trial.config["trial"]["train"]["granet"]["final_density"])
 
@@ -41,7 +41,7 @@ class LevelASHA(FIFOScheduler):
 
     def level(self, trial: Trial) -> ASHAScheduler:
         """The ASHA of the trial's level (created when first needed)."""
-        density = target_density(trial)
+        density = trial_level(trial)
         if density not in self._levels:
             self._levels[density] = ASHAScheduler(
                 time_attr=TIME_ATTR,

@@ -23,38 +23,43 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from rich.console import Console
 
-from granet_ray.config import ConfigError, TrainConfig
-from granet_ray.train import RunSettings, build_trainer, connect
-from granet_ray.train.settings import ray_storage_path, storage_filesystem, storage_uri
+from granet_ray.config import (
+    ConfigError,
+    RunSettings,
+    TrainConfig,
+    dump_preset,
+    preset_file_name,
+)
+from granet_ray.store import Storage, open_storage
+from granet_ray.train import build_trainer, connect
 from granet_ray.tune.asha import LevelASHA
-from granet_ray.tune.display import SweepDisplay
-from granet_ray.tune.presets import dump_preset, preset_file_name
+from granet_ray.tune.progress import SweepDisplay
 from granet_ray.tune.results import (
     Analysis,
     TrialRow,
     analyze,
-    groups_table,
     pareto_png,
     summary_markdown,
     trials_csv,
-    trials_table,
 )
 from granet_ray.tune.space import (
     TRIAL_DRIVER_CPU,
     SweepSpace,
     TrialPoint,
     max_concurrent_trials,
+    settle_asha,
     space_digest,
     sweep_name,
     validate,
 )
+from granet_ray.ui import console as default_console
+from granet_ray.ui.tables import groups_table, trials_table
 
 RUNS_DIR = "runs"
 RESULTS_DIR = "results"
@@ -141,12 +146,12 @@ class SweepOutcome:
 
 
 def trial_rows(
-    results: tune.ResultGrid, points: Sequence[TrialPoint], run: RunSettings
+    results: tune.ResultGrid, points: Sequence[TrialPoint], storage: Storage
 ) -> list[TrialRow]:
-    """One ``TrialRow`` per point, in point order, from a Tune ``ResultGrid``; ``run`` is
-    where the trials' Train runs store their checkpoints. A trial that reported its last
-    epoch has finished (Tune does not always save the ``done`` flag of a trial that ended
-    by itself), one that did not but is done was stopped by the scheduler."""
+    """One ``TrialRow`` per point, in point order, from a Tune ``ResultGrid``; ``storage``
+    is the sweep's storage (it maps the checkpoint paths Ray reports to URIs). A trial that
+    reported its last epoch has finished (Tune does not always save the ``done`` flag of a
+    trial that ended by itself), one that did not but is done was stopped by the scheduler."""
     by_name = {os.path.basename(r.path.rstrip("/")): r for r in results}
     rows = []
     for p in points:
@@ -175,32 +180,11 @@ def trial_rows(
                 density=m.get("density"),
                 inference_flops=m.get("inference_flops"),
                 training_flops=m.get("training_flops"),
-                checkpoint=None if checkpoint is None else storage_uri(run, checkpoint),
+                checkpoint=None if checkpoint is None else storage.uri_of(checkpoint),
                 error=None if status != "error" else str(result.error).splitlines()[0],
             )
         )
     return rows
-
-
-def _filesystem(run: RunSettings, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The pyarrow filesystem of the sweep's storage and ``uri``'s path on it."""
-    fs = storage_filesystem(run)
-    if fs is not None:
-        return fs, uri.removeprefix("s3://")
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
-def _write(fs: pyarrow.fs.FileSystem, path: str, data: bytes) -> None:
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(data)
-
-
-def _read_json(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any] | None:
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.readall())
 
 
 def _point_dict(point: TrialPoint) -> dict[str, Any]:
@@ -222,6 +206,7 @@ def _new_tuner(
     name: str,
     concurrent: int,
 ) -> tune.Tuner:
+    filesystem, path = open_storage(run.storage_path, run.storage_options).arrow_filesystem()
     scheduler = None if space.asha is None else LevelASHA(space.asha, space.base.epochs)
     return tune.Tuner(
         trainable(run),
@@ -237,8 +222,8 @@ def _new_tuner(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=ray_storage_path(run),
-            storage_filesystem=storage_filesystem(run),
+            storage_path=path,
+            storage_filesystem=filesystem,
             callbacks=[_Relay(name)],
             verbose=0,
         ),
@@ -264,21 +249,23 @@ def sweep(
     callbacks: Tune callbacks for this call only (they are not stored with the sweep).
     Every trial is validated before any starts (``ConfigError`` naming trial and field).
     """
-    console = console or Console()
+    console = console or default_console()
     points = validate(space, run)
+    space, asha_note = settle_asha(space, points)
     connect(dashboard=True)
     name = run.name or sweep_name(space, points, run)
     digest = space_digest(space, points, run)
     concurrent = max_concurrent or max_concurrent_trials(ray.cluster_resources(), run)
-    uri = f"{run.storage_path.rstrip('/')}/{name}"
-    trial_run = run.replace(name=None, storage_path=f"{uri}/{RUNS_DIR}")
-    fs, path = _filesystem(run, uri)
-    tune_path = f"{ray_storage_path(run).rstrip('/')}/{name}"
-    resumed = tune.Tuner.can_restore(tune_path, storage_filesystem=storage_filesystem(run))
-    stored = _read_json(fs, f"{path}/{SPACE_FILE}") if resumed else None
-    if stored is not None and stored["digest"] != digest:
+    root = open_storage(run.storage_path, run.storage_options)
+    folder = root.sub(name)
+    trial_run = run.replace(name=None, storage_path=f"{folder.uri}/{RUNS_DIR}")
+    filesystem, path = root.arrow_filesystem()
+    tune_path = f"{path.rstrip('/')}/{name}"
+    resumed = tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem)
+    stored = folder.get(SPACE_FILE) if resumed else None
+    if stored is not None and json.loads(stored)["digest"] != digest:
         raise ConfigError(
-            f"name={name!r} is invalid: sweep {uri} was started with a different space "
+            f"name={name!r} is invalid: sweep {folder.uri} was started with a different space "
             "(grid, base config or workers per trial); choose another name"
         )
     done_before = 0
@@ -288,19 +275,21 @@ def sweep(
             trainable=trainable(run),
             resume_unfinished=True,
             resume_errored=True,
-            storage_filesystem=storage_filesystem(run),
+            storage_filesystem=filesystem,
         )
-        before = trial_rows(tuner.get_results(), points, trial_run)
+        before = trial_rows(tuner.get_results(), points, root)
         done_before = sum(r.status in ("finished", "stopped") for r in before)
     else:
         tuner = _new_tuner(space, points, run, trial_run, name, concurrent)
     if stored is None:
         info = {"digest": digest, "trials": [p.name for p in points], "space": _space_dict(space)}
-        _write(fs, f"{path}/{SPACE_FILE}", json.dumps(info, indent=2).encode())
+        folder.put(SPACE_FILE, json.dumps(info, indent=2).encode())
     if progress:
+        if asha_note:
+            console.print(f"[yellow]{asha_note}[/]", highlight=False)
         verb = "resuming" if resumed else "starting"
         console.print(
-            f"{verb} sweep [bold]{name}[/] ({uri}): {len(points)} trials, "
+            f"{verb} sweep [bold]{name}[/] ({folder.uri}): {len(points)} trials, "
             f"{done_before} done before, up to {concurrent} at once, "
             f"{run.num_workers} worker(s) each" + (", ASHA early stopping" if space.asha else ""),
             highlight=False,
@@ -312,7 +301,7 @@ def sweep(
             results = tuner.fit()
     finally:
         _LISTENERS.pop(name, None)
-    rows = trial_rows(results, points, trial_run)
+    rows = trial_rows(results, points, root)
     if progress:
         console.print(trials_table(rows, title=f"sweep {name}: trials"))
     left = sum(r.status == "unfinished" for r in rows)
@@ -322,9 +311,9 @@ def sweep(
                 f"[yellow]sweep {name} interrupted with {left} trial(s) left: run the same "
                 "command again to resume it (finished trials are not run again)[/]"
             )
-        return SweepOutcome(name, uri, rows, False, resumed, None, {}, None, None, None)
+        return SweepOutcome(name, folder.uri, rows, False, resumed, None, {}, None, None, None)
     title = f"{space.base.model} / {space.base.dataset}, {space.base.epochs} epochs: {name}"
-    outcome = _write_results(rows, name, uri, resumed, title, fs, path, run)
+    outcome = _write_results(rows, name, resumed, title, folder)
     if progress:
         _print_results(outcome, console)
     return outcome
@@ -337,41 +326,34 @@ def _space_dict(space: SweepSpace) -> dict[str, Any]:
 
 
 def _write_results(
-    rows: list[TrialRow],
-    name: str,
-    uri: str,
-    resumed: bool,
-    title: str,
-    fs: pyarrow.fs.FileSystem,
-    path: str,
-    run: RunSettings,
+    rows: list[TrialRow], name: str, resumed: bool, title: str, folder: Storage
 ) -> SweepOutcome:
-    """Write ``results/`` of a sweep whose trials have all ended (``path`` on ``fs``)."""
+    """Write ``results/`` into the ``folder`` of a sweep whose trials have all ended."""
     analysis = analyze(rows)
-    folder = f"{path}/{RESULTS_DIR}"
+    results = folder.sub(RESULTS_DIR)
     presets = {}
     for density, group in analysis.best.items():
-        file = f"{folder}/presets/{preset_file_name(density)}"
-        _write(fs, file, dump_preset(group.train))
-        presets[density] = storage_uri(run, file)
+        file = f"presets/{preset_file_name(density)}"
+        results.put(file, dump_preset(group.train))
+        presets[density] = f"{results.uri}/{file}"
     files = {
         "trials.csv": trials_csv(rows),
         "summary.md": summary_markdown(name, rows, analysis).encode(),
         "pareto.png": pareto_png(rows, analysis, title=title),
     }
     for file, data in files.items():
-        _write(fs, f"{folder}/{file}", data)
+        results.put(file, data)
     return SweepOutcome(
         name=name,
-        uri=uri,
+        uri=folder.uri,
         rows=rows,
         complete=True,
         resumed=resumed,
         analysis=analysis,
         presets=presets,
-        plot_uri=storage_uri(run, f"{folder}/pareto.png"),
-        csv_uri=storage_uri(run, f"{folder}/trials.csv"),
-        summary_uri=storage_uri(run, f"{folder}/summary.md"),
+        plot_uri=f"{results.uri}/pareto.png",
+        csv_uri=f"{results.uri}/trials.csv",
+        summary_uri=f"{results.uri}/summary.md",
     )
 
 

@@ -1,6 +1,7 @@
 """What a sweep produced, as plain data: per-trial rows, per-configuration means over seeds,
 the Pareto front of accuracy against sparsity, the best configuration per sparsity level, and
-their tables (rich, CSV, Markdown). No Ray, no I/O.
+the files made of them (CSV, Markdown, the Pareto plot's PNG). No Ray, no I/O; the rich
+tables are in ``granet_ray.ui.tables``.
 
 Accuracies are validation accuracies after the last epoch; only trials that ran all their
 epochs ("finished") enter the means, the front and the presets, so every compared number
@@ -15,12 +16,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from rich.table import Table
-
 from granet_ray.config import TrainConfig
-from granet_ray.plots import pareto_plot
-
-STATUSES = ("finished", "stopped", "error", "unfinished", "planned")
+from granet_ray.ui.plots import pareto_plot
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class GroupSummary:
         return 1.0 - self.density
 
 
-def summarize(rows: Iterable[TrialRow]) -> list[GroupSummary]:
+def group_trials(rows: Iterable[TrialRow]) -> list[GroupSummary]:
     """One ``GroupSummary`` per configuration with finished trials, in trial order."""
     groups: dict[str, list[TrialRow]] = {}
     for row in rows:
@@ -127,7 +124,7 @@ def best_per_density(groups: Iterable[GroupSummary]) -> dict[float, GroupSummary
 
 @dataclass(frozen=True)
 class Analysis:
-    """A complete sweep's groups (``summarize``), the names of those on the Pareto front of
+    """A complete sweep's groups (``group_trials``), the names of those on the Pareto front of
     mean accuracy against sparsity (by sparsity), and the best group per target density."""
 
     groups: list[GroupSummary]
@@ -137,7 +134,7 @@ class Analysis:
 
 def analyze(rows: Sequence[TrialRow]) -> Analysis:
     """``Analysis`` of the finished trials among ``rows``."""
-    groups = summarize(rows)
+    groups = group_trials(rows)
     front = pareto_front([(g.sparsity, g.accuracy_mean) for g in groups])
     return Analysis(groups, [groups[i].group for i in front], best_per_density(groups))
 
@@ -188,78 +185,6 @@ def summary_markdown(name: str, rows: Sequence[TrialRow], analysis: Analysis) ->
     )
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2%}"
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-_STATUS_STYLE = {
-    "finished": "green",
-    "stopped": "yellow",
-    "error": "red",
-    "unfinished": "dim",
-    "planned": "cyan",
-}
-
-
-def trials_table(rows: Sequence[TrialRow], *, title: str = "Trials") -> Table:
-    """Every trial: its name (variant, grid values and seed: ``df`` final density, ``dt``
-    update interval in steps, ``w`` pruning window in epochs, ``p`` initial regeneration
-    fraction, ``s`` seed), start density, status and last epoch, validation accuracy,
-    density reached, and inference / training FLOPs relative to dense."""
-    table = Table(title=title)
-    table.add_column("trial", no_wrap=True)
-    for name in ("d_i", "status", "epoch", "val acc", "density", "inf FLOPs", "train FLOPs"):
-        table.add_column(name, justify="left" if name == "status" else "right")
-    for r in rows:
-        table.add_row(
-            r.name,
-            f"{r.train.granet.start_density:g}",
-            f"[{_STATUS_STYLE[r.status]}]{r.status}[/]",
-            f"{r.epoch}/{r.train.epochs}",
-            _pct(r.accuracy),
-            _num(r.density, 4),
-            _num(r.inference_flops),
-            _num(r.training_flops),
-        )
-    counts = {s: sum(r.status == s for r in rows) for s in STATUSES}
-    table.caption = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    return table
-
-
-def groups_table(
-    groups: Sequence[GroupSummary], *, front: Iterable[str] = (), best: Iterable[str] = ()
-) -> Table:
-    """Per configuration over seeds: accuracy mean ± std (min-max), density and FLOPs; ``*``
-    marks the Pareto front (by ``group``), ``best`` the exported presets."""
-    front, best = set(front), set(best)
-    table = Table(title="Configurations (finished trials, over seeds)")
-    table.add_column("configuration", no_wrap=True)
-    table.add_column("seeds", justify="right")
-    table.add_column("val acc mean ± std", justify="right")
-    table.add_column("min-max", justify="right")
-    table.add_column("sparsity", justify="right")
-    table.add_column("inf FLOPs", justify="right")
-    table.add_column("train FLOPs", justify="right")
-    table.add_column("", justify="left")
-    for g in groups:
-        marks = ("Pareto " if g.group in front else "") + ("preset" if g.group in best else "")
-        table.add_row(
-            g.group,
-            str(len(g.seeds)),
-            f"{g.accuracy_mean:.2%} ± {g.accuracy_std:.2%}",
-            f"{g.accuracy_min:.2%}-{g.accuracy_max:.2%}",
-            f"{g.sparsity:.2%}",
-            f"{g.inference_flops:.3f}",
-            f"{g.training_flops:.3f}",
-            marks.strip(),
-        )
-    return table
-
-
 def comparison_markdown(groups: Sequence[GroupSummary]) -> str:
     """A Markdown table, one row per configuration without its final density (the variant
     and any other grid fields), one column per sparsity level: validation accuracy in %
@@ -294,10 +219,27 @@ def comparison_markdown(groups: Sequence[GroupSummary]) -> str:
 
 
 CSV_COLUMNS = (
-    "name", "group", "variant", "method", "seed", "start_density", "final_density",
-    "update_interval", "prune_start", "prune_end", "regrow_fraction", "status", "epoch",
-    "epochs", "accuracy", "density", "inference_flops", "training_flops", "checkpoint", "error",
-)  # fmt: skip
+    "name",
+    "group",
+    "variant",
+    "method",
+    "seed",
+    "start_density",
+    "final_density",
+    "update_interval",
+    "prune_start",
+    "prune_end",
+    "regrow_fraction",
+    "status",
+    "epoch",
+    "epochs",
+    "accuracy",
+    "density",
+    "inference_flops",
+    "training_flops",
+    "checkpoint",
+    "error",
+)
 
 
 def trials_csv(rows: Iterable[TrialRow]) -> bytes:
@@ -309,10 +251,26 @@ def trials_csv(rows: Iterable[TrialRow]) -> bytes:
         g = r.train.granet
         writer.writerow(
             [
-                r.name, r.group, r.variant, g.method, r.seed, g.start_density, g.final_density,
-                g.update_interval, g.prune_start, g.prune_end, g.regrow_fraction, r.status,
-                r.epoch, r.train.epochs, r.accuracy, r.density, r.inference_flops,
-                r.training_flops, r.checkpoint, r.error,
+                r.name,
+                r.group,
+                r.variant,
+                g.method,
+                r.seed,
+                g.start_density,
+                g.final_density,
+                g.update_interval,
+                g.prune_start,
+                g.prune_end,
+                g.regrow_fraction,
+                r.status,
+                r.epoch,
+                r.train.epochs,
+                r.accuracy,
+                r.density,
+                r.inference_flops,
+                r.training_flops,
+                r.checkpoint,
+                r.error,
             ]
-        )  # fmt: skip
+        )
     return out.getvalue().encode()

@@ -36,11 +36,21 @@ from typing import Any
 
 import yaml
 
-from granet_ray.config import PRESETS, ConfigError, GraNetConfig, TrainConfig, preset
-from granet_ray.train.jobs import with_epochs
-from granet_ray.train.preflight import preflight
-from granet_ray.train.settings import RunSettings
-from granet_ray.tune.presets import load_preset_file
+from granet_ray.checks import preflight
+from granet_ray.config import (
+    PRESETS,
+    ConfigError,
+    GraNetConfig,
+    RunSettings,
+    TrainConfig,
+    check_mapping,
+    fail,
+    is_int,
+    is_number,
+    load_preset_file,
+    preset,
+    rescale,
+)
 
 GRID_DIR = Path(__file__).parent / "grids"
 FILE_KEYS = ("name", "base", "epochs", "train", "variants", "grid", "seeds", "asha")
@@ -54,9 +64,8 @@ SEARCH_FIELDS = {
     "prune_window": "w",
     "regrow_fraction": "p",
 }
-VARIANT_FIELDS = tuple(
-    sorted({f.name for f in dataclasses.fields(GraNetConfig)} - {"seed"} | {"prune_window"})
-)
+GRANET_FIELDS = tuple(f.name for f in dataclasses.fields(GraNetConfig))
+VARIANT_FIELDS = tuple(sorted(set(GRANET_FIELDS) - {"seed"} | {"prune_window"}))
 # CPUs the Tune trial itself holds while its TorchTrainer runs (Tune refuses 0).
 TRIAL_DRIVER_CPU = 0.01
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -101,18 +110,6 @@ class TrialPoint:
     train: TrainConfig
 
 
-def _fail(where: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{where}={value!r} is invalid: must be {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def read_grid_file(source: str | Path) -> tuple[dict[str, Any], Path]:
     """The parsed grid file and its folder. ``source``: a packaged grid's name (``paper``,
     ``compare``, ``smoke``; see ``GRID_DIR``) or a YAML/JSON file path."""
@@ -120,7 +117,7 @@ def read_grid_file(source: str | Path) -> tuple[dict[str, Any], Path]:
     path = packaged if re.fullmatch(r"[\w-]+", str(source)) and packaged.is_file() else Path(source)
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in GRID_DIR.glob("*.yaml")))
-        raise _fail("grid", str(source), f"a packaged grid ({names}) or a YAML/JSON file")
+        raise fail("grid", str(source), f"a packaged grid ({names}) or a YAML/JSON file")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -153,7 +150,7 @@ def parse_space(data: Mapping[str, Any], folder: Path = Path(".")) -> SweepSpace
         )
     label = data.get("name", "sweep")
     if not (isinstance(label, str) and _LABEL.match(label)):
-        raise _fail("name", label, "letters, digits, '_', '.', '-'")
+        raise fail("name", label, "letters, digits, '_', '.', '-'")
     base = _base(data, folder)
     return SweepSpace(
         label=label,
@@ -184,62 +181,46 @@ def _base(data: Mapping[str, Any], folder: Path) -> TrainConfig:
     elif isinstance(name, str) and (folder / name).is_file():
         train = load_preset_file(folder / name)
     else:
-        raise _fail("base", name, f"a preset ({', '.join(PRESETS)}) or a preset file")
+        raise fail("base", name, f"a preset ({', '.join(PRESETS)}) or a preset file")
     epochs = data.get("epochs")
-    if epochs is not None:
-        if not (_is_int(epochs) and epochs > 0):
-            raise _fail("epochs", epochs, "a positive integer")
-        train = with_epochs(train, epochs)
+    if epochs is not None and not (is_int(epochs) and epochs > 0):
+        raise fail("epochs", epochs, "a positive integer")
     fixed = data.get("train") or {}
-    if not isinstance(fixed, dict):
-        raise _fail("train", fixed, "a mapping of TrainConfig fields")
+    fixed = check_mapping(fixed, (f.name for f in dataclasses.fields(TrainConfig)), "train")
     for key in ("epochs", "seed"):
         if key in fixed:
-            raise _fail(f"train.{key}", fixed[key], f"set by the top-level key {key}(s)")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(fixed) - names)
-    if unknown:
-        raise ConfigError(f"unknown train field(s) {', '.join(unknown)}; known: {sorted(names)}")
-    granet = fixed.get("granet") or {}
-    _check_fields(granet, {f.name for f in dataclasses.fields(GraNetConfig)}, "train.granet")
+            raise fail(f"train.{key}", fixed[key], f"set by the top-level key {key}(s)")
+    check_mapping(fixed.get("granet") or {}, GRANET_FIELDS, "train.granet")
     if "lr_milestones" in fixed:
-        fixed = {**fixed, "lr_milestones": tuple(fixed["lr_milestones"])}
+        fixed["lr_milestones"] = tuple(fixed["lr_milestones"])
+    # the same meaning as --epochs / --global-batch: rescale first, explicit fields after
+    train = rescale(train, epochs=epochs, global_batch=fixed.pop("global_batch", None))
     return train.replace(**fixed)
-
-
-def _check_fields(values: Any, allowed: set[str] | Sequence[str], where: str) -> None:
-    if not isinstance(values, dict):
-        raise _fail(where, values, "a mapping of field: value")
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"unknown {where} field(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
-        )
 
 
 def _variants(variants: Any) -> dict[str, dict[str, Any]]:
     if variants is None:
         return {}
     if not (isinstance(variants, dict) and variants):
-        raise _fail("variants", variants, "a non-empty mapping of name: {GraNet fields}")
+        raise fail("variants", variants, "a non-empty mapping of name: {GraNet fields}")
     for name, fields in variants.items():
         if not (isinstance(name, str) and _LABEL.match(name)):
-            raise _fail("variants", name, "names of letters, digits, '_', '.', '-'")
-        _check_fields(fields, VARIANT_FIELDS, f"variants.{name}")
+            raise fail("variants", name, "names of letters, digits, '_', '.', '-'")
+        check_mapping(fields, VARIANT_FIELDS, f"variants.{name}")
     return {name: dict(fields) for name, fields in variants.items()}
 
 
 def _grid(grid: Any, *, has_variants: bool) -> dict[str, list[Any]]:
-    _check_fields(grid, SEARCH_FIELDS, "grid")
+    grid = check_mapping(grid, SEARCH_FIELDS, "grid")
     for name, values in grid.items():
         if not (isinstance(values, list) and values):
-            raise _fail(f"grid.{name}", values, "a non-empty list of values")
+            raise fail(f"grid.{name}", values, "a non-empty list of values")
         keys = [json.dumps(v) for v in values]
         if len(set(keys)) != len(keys):
-            raise _fail(f"grid.{name}", values, "a list without duplicates")
+            raise fail(f"grid.{name}", values, "a list without duplicates")
     for window in grid.get("prune_window", []):
-        if not (isinstance(window, list) and len(window) == 2 and all(map(_is_number, window))):
-            raise _fail("grid.prune_window", window, "a list of [prune_start, prune_end] pairs")
+        if not (isinstance(window, list) and len(window) == 2 and all(map(is_number, window))):
+            raise fail("grid.prune_window", window, "a list of [prune_start, prune_end] pairs")
     if not has_variants and "method" not in grid:
         raise ConfigError("the grid needs variants or grid.method: no method to train")
     order = ["final_density"] + [f for f in SEARCH_FIELDS if f != "final_density"]
@@ -247,33 +228,33 @@ def _grid(grid: Any, *, has_variants: bool) -> dict[str, list[Any]]:
 
 
 def _seeds(seeds: Any) -> tuple[int, ...]:
-    if not (isinstance(seeds, list) and seeds and all(_is_int(s) and s >= 0 for s in seeds)):
-        raise _fail("seeds", seeds, "a non-empty list of integers >= 0")
+    if not (isinstance(seeds, list) and seeds and all(is_int(s) and s >= 0 for s in seeds)):
+        raise fail("seeds", seeds, "a non-empty list of integers >= 0")
     if len(set(seeds)) != len(seeds):
-        raise _fail("seeds", seeds, "a list without duplicates")
+        raise fail("seeds", seeds, "a list without duplicates")
     return tuple(seeds)
 
 
 def _asha(asha: Any, epochs: int) -> Asha | None:
     if asha is None or asha is False:
         return None
-    _check_fields(asha, ("grace_period", "reduction_factor"), "asha")
+    check_mapping(asha, ("grace_period", "reduction_factor"), "asha")
     result = Asha(**asha)
-    if not (_is_int(result.grace_period) and 1 <= result.grace_period < epochs):
-        raise _fail(
+    if not (is_int(result.grace_period) and 1 <= result.grace_period < epochs):
+        raise fail(
             "asha.grace_period",
             result.grace_period,
             f"an integer of epochs in [1, epochs={epochs})",
         )
-    if not (_is_number(result.reduction_factor) and result.reduction_factor > 1):
-        raise _fail("asha.reduction_factor", result.reduction_factor, "a number > 1")
+    if not (is_number(result.reduction_factor) and result.reduction_factor > 1):
+        raise fail("asha.reduction_factor", result.reduction_factor, "a number > 1")
     return result
 
 
 def _tag(value: Any) -> str:
     if isinstance(value, list):
         return "-".join(_tag(v) for v in value)
-    return f"{value:g}" if _is_number(value) else str(value)
+    return f"{value:g}" if is_number(value) else str(value)
 
 
 def _granet_fields(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -329,6 +310,24 @@ def validate(space: SweepSpace, run: RunSettings) -> list[TrialPoint]:
         except ConfigError as err:
             raise ConfigError(f"trial {point.name}: {err}") from None
     return points
+
+
+def settle_asha(space: SweepSpace, points: Sequence[TrialPoint]) -> tuple[SweepSpace, str | None]:
+    """``space`` with its ASHA's first rung after every trial's pruning window (grace period
+    >= the latest ``prune_end`` of a pruning method, in epochs): before it trials sit at
+    different densities, so a cut would compare unlike with like. Returns the space and a
+    message saying what was changed (None when nothing was)."""
+    asha = space.asha
+    ends = [p.train.granet.prune_end for p in points if p.train.granet.prunes]
+    if asha is None or not ends or asha.grace_period >= max(ends):
+        return space, None
+    grace = math.ceil(max(ends))
+    why = f"pruning windows end at epoch {max(ends):g}"
+    if grace >= space.base.epochs:
+        message = f"ASHA early stopping is off: {why}, and no epoch after that precedes the last"
+        return dataclasses.replace(space, asha=None), message
+    message = f"ASHA grace_period {asha.grace_period} -> {grace} epochs: {why}"
+    return dataclasses.replace(space, asha=dataclasses.replace(asha, grace_period=grace)), message
 
 
 def sweep_name(space: SweepSpace, points: Sequence[TrialPoint], run: RunSettings) -> str:

@@ -5,16 +5,14 @@ by ASHA, failed). A Ray Tune callback, registered for one ``sweep`` call."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from ray import tune
 from ray.tune.experiment import Trial
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import TaskID
 
-from granet_ray.report import training_progress
+from granet_ray.ui.progress import LiveBar
 
 
 def _epochs(trial: Trial) -> int:
@@ -44,54 +42,40 @@ def error_line(trial: Trial) -> str:
     return f"{lines[-1]} (details: {path})"
 
 
-class SweepDisplay(tune.Callback):
-    """A context manager and Tune callback drawing the sweep on ``console``; ``total``
-    trials of which ``done`` ended before (a resumed sweep). Draws nothing unless
+class SweepDisplay(tune.Callback, LiveBar):
+    """A context manager and Tune callback drawing the sweep on ``console``: a bar over
+    ``total`` trials of which ``done`` ended before (a resumed sweep). Draws nothing unless
     ``enabled``."""
 
     def __init__(self, console: Console, *, total: int, done: int, enabled: bool = True) -> None:
-        self.console = console
-        self.enabled = enabled
-        self.done = done
-        self._bar = training_progress(console, disable=not enabled)
-        self._task: TaskID = self._bar.add_task(
-            "trials", total=total, completed=done, status="starting trials"
+        LiveBar.__init__(
+            self,
+            console,
+            "trials",
+            total=total,
+            completed=done,
+            status="starting trials",
+            enabled=enabled,
         )
-
-    def __enter__(self) -> SweepDisplay:
-        self._bar.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._bar.stop()
-
-    def _print(self, text: str) -> None:
-        if self.enabled:
-            self._bar.console.print(text, highlight=False)
+        self.done = done
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._bar.update(self._task, status=f"{_name(trial)} started")
+        self.update(status=f"{_name(trial)} started")
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any
     ) -> None:
-        status = f"{_name(trial)}: {trial_summary(result, _epochs(trial))}"
-        self._bar.update(self._task, status=status)
+        self.update(status=f"{_name(trial)}: {trial_summary(result, _epochs(trial))}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self.done += 1
-        self._bar.update(self._task, completed=self.done)
+        self.update(completed=self.done)
         result = trial.last_result or {}
         epochs = _epochs(trial)
         ended = "finished" if result.get("epoch") == epochs else "[yellow]stopped early (ASHA)[/]"
-        self._print(f"{escape(_name(trial))} {ended}: {trial_summary(result, epochs)}")
+        self.print(f"{escape(_name(trial))} {ended}: {trial_summary(result, epochs)}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self.done += 1
-        self._bar.update(self._task, completed=self.done)
-        self._print(f"[red]{escape(_name(trial))} failed[/]: {escape(error_line(trial))}")
+        self.update(completed=self.done)
+        self.print(f"[red]{escape(_name(trial))} failed[/]: {escape(error_line(trial))}")

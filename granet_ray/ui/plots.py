@@ -93,19 +93,30 @@ def pareto_plot(
         color = f"C{i % 10}"
         dots = [(s, a) for v, s, a in trials if v == variant]
         axes.scatter(
-            [x(variant, s) for s, _ in dots], [a for _, a in dots], s=12, alpha=0.35,
+            [x(variant, s) for s, _ in dots],
+            [a for _, a in dots],
+            s=12,
+            alpha=0.35,
             color=color,
-        )  # fmt: skip
+        )
         rows = [(s, m, sd) for v, s, m, sd in means if v == variant]
         axes.errorbar(
-            [x(variant, s) for s, *_ in rows], [m for _, m, _ in rows],
-            yerr=[sd for *_, sd in rows], fmt="o", capsize=3, color=color, label=variant,
-        )  # fmt: skip
+            [x(variant, s) for s, *_ in rows],
+            [m for _, m, _ in rows],
+            yerr=[sd for *_, sd in rows],
+            fmt="o",
+            capsize=3,
+            color=color,
+            label=variant,
+        )
     if stopped:
         axes.scatter(
-            [x(v, s) for v, s, _ in stopped], [a for *_, a in stopped], marker="x",
-            color="grey", label="stopped early (ASHA)",
-        )  # fmt: skip
+            [x(v, s) for v, s, _ in stopped],
+            [a for *_, a in stopped],
+            marker="x",
+            color="grey",
+            label="stopped early (ASHA)",
+        )
     if front:
         fx, fy = [x(v, s) for v, s, _ in front], [a for *_, a in front]
         axes.plot(fx, fy, "--", drawstyle="steps-post", color="black", lw=1)

@@ -1,0 +1,198 @@
+"""Every rich table: a model's per-layer sparsity, a run's outcome, a sweep's trials and
+configurations, and a checkpoint's tensors. Inputs are plain data (engine summaries,
+``FitOutcome``, the sweep's ``TrialRow`` / ``GroupSummary``, the store's ``CheckpointSummary``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from granet_ray.outcome import FitOutcome
+    from granet_ray.store.summary import CheckpointSummary
+    from granet_ray.tune.results import GroupSummary, TrialRow
+
+
+def _flops(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def layer_table(summary: dict[str, Any], *, title: str = "Sparse model") -> Table:
+    """Per-layer table of an engine summary (``GraNet.summary()``): shape, weights, density,
+    dense forward FLOPs per sample, then totals and FLOPs relative to dense."""
+    table = Table(title=title, show_footer=True)
+    total_weights = sum(_numel(row["shape"]) for row in summary["layers"])
+    active = sum(_numel(row["shape"]) * row["density"] for row in summary["layers"])
+    dense_flops = sum(row["flops"] or 0.0 for row in summary["layers"])
+    sparse_flops = sum((row["flops"] or 0.0) * row["density"] for row in summary["layers"])
+    table.add_column("layer", footer="total")
+    table.add_column("shape")
+    table.add_column("weights", justify="right", footer=f"{total_weights:,}")
+    table.add_column("active", justify="right", footer=f"{round(active):,}")
+    table.add_column("density", justify="right", footer=f"{active / total_weights:.4f}")
+    table.add_column("FLOPs dense", justify="right", footer=_flops(dense_flops))
+    table.add_column("FLOPs sparse", justify="right", footer=_flops(sparse_flops))
+    for row in summary["layers"]:
+        numel = _numel(row["shape"])
+        name = row["name"] if row["prunable"] else f"{row['name']} (dense)"
+        flops = row["flops"]
+        table.add_row(
+            name,
+            "x".join(str(s) for s in row["shape"]),
+            f"{numel:,}",
+            f"{round(numel * row['density']):,}",
+            f"{row['density']:.4f}",
+            _flops(flops),
+            _flops(None if flops is None else flops * row["density"]),
+        )
+    caption = [f"prunable density {summary['density']:.4f}"]
+    if summary.get("inference_flops") is not None:
+        caption.append(f"inference FLOPs {summary['inference_flops']:.4f}x dense")
+    if summary.get("training_flops") is not None:
+        caption.append(f"training FLOPs {summary['training_flops']:.4f}x dense")
+    table.caption = " | ".join(caption)
+    return table
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def outcome_table(outcome: FitOutcome) -> Table:
+    """The run's headline numbers: accuracy, density, FLOPs, checkpoint URI and size."""
+    m = outcome.metrics
+    table = Table(title=f"run {outcome.name}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("validation accuracy", f"{m['val_accuracy']:.2%} (all workers)")
+    table.add_row("density", f"{m['density']:.4f} (sparsity {1 - m['density']:.2%})")
+    table.add_row("inference FLOPs", f"{m['inference_flops']:.4f} x dense")
+    table.add_row("training FLOPs", f"{m['training_flops']:.4f} x dense")
+    table.add_row("mask updates", str(len(outcome.history)))
+    table.add_row("checkpoint", outcome.checkpoint_uri)
+    table.add_row("checkpoint size", f"{outcome.checkpoint_bytes / 2**20:.2f} MiB")
+    table.add_row("plot", outcome.plot_uri)
+    return table
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+_STATUS_STYLE = {
+    "finished": "green",
+    "stopped": "yellow",
+    "error": "red",
+    "unfinished": "dim",
+    "planned": "cyan",
+}
+
+
+def trials_table(rows: Sequence[TrialRow], *, title: str = "Trials") -> Table:
+    """Every trial: its name (variant, grid values and seed: ``df`` final density, ``dt``
+    update interval in steps, ``w`` pruning window in epochs, ``p`` initial regeneration
+    fraction, ``s`` seed), start density, status and last epoch, validation accuracy,
+    density reached, and inference / training FLOPs relative to dense."""
+    table = Table(title=title)
+    table.add_column("trial", no_wrap=True)
+    for name in ("d_i", "status", "epoch", "val acc", "density", "inf FLOPs", "train FLOPs"):
+        table.add_column(name, justify="left" if name == "status" else "right")
+    for r in rows:
+        table.add_row(
+            r.name,
+            f"{r.train.granet.start_density:g}",
+            f"[{_STATUS_STYLE[r.status]}]{r.status}[/]",
+            f"{r.epoch}/{r.train.epochs}",
+            _pct(r.accuracy),
+            _num(r.density, 4),
+            _num(r.inference_flops),
+            _num(r.training_flops),
+        )
+    counts = {s: sum(r.status == s for r in rows) for s in _STATUS_STYLE}
+    table.caption = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    return table
+
+
+def groups_table(
+    groups: Sequence[GroupSummary], *, front: Iterable[str] = (), best: Iterable[str] = ()
+) -> Table:
+    """Per configuration over seeds: accuracy mean ± std (min-max), density and FLOPs; ``*``
+    marks the Pareto front (by ``group``), ``best`` the exported presets."""
+    front, best = set(front), set(best)
+    table = Table(title="Configurations (finished trials, over seeds)")
+    table.add_column("configuration", no_wrap=True)
+    table.add_column("seeds", justify="right")
+    table.add_column("val acc mean ± std", justify="right")
+    table.add_column("min-max", justify="right")
+    table.add_column("sparsity", justify="right")
+    table.add_column("inf FLOPs", justify="right")
+    table.add_column("train FLOPs", justify="right")
+    table.add_column("", justify="left")
+    for g in groups:
+        marks = ("Pareto " if g.group in front else "") + ("preset" if g.group in best else "")
+        table.add_row(
+            g.group,
+            str(len(g.seeds)),
+            f"{g.accuracy_mean:.2%} ± {g.accuracy_std:.2%}",
+            f"{g.accuracy_min:.2%}-{g.accuracy_max:.2%}",
+            f"{g.sparsity:.2%}",
+            f"{g.inference_flops:.3f}",
+            f"{g.training_flops:.3f}",
+            marks.strip(),
+        )
+    return table
+
+
+def _bytes(count: int) -> str:
+    """Decimal human-readable size: 980 B, 12.3 kB, 4.5 MB, 1.2 GB."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def checkpoint_table(summary: CheckpointSummary) -> Table:
+    """A checkpoint's tensors: shape, density, bytes and share of the total, plus the
+    optimizer state's share; the caption gives the totals against the dense size."""
+    table = Table()
+    table.add_column("tensor", overflow="fold")
+    table.add_column("shape")
+    table.add_column("density", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("share", justify="right")
+    total = summary.total_bytes
+    for t in summary.tensors:
+        share = t.bytes / total if total else 0.0
+        shape = "x".join(map(str, t.shape)) or "scalar"
+        table.add_row(t.name, shape, f"{t.density:.3f}", _bytes(t.bytes), f"{share:.1%}")
+    if summary.optimizer_bytes:
+        share = summary.optimizer_bytes / total
+        table.add_row("(optimizer state)", "", "", _bytes(summary.optimizer_bytes), f"{share:.1%}")
+    return table
+
+
+def checkpoint_totals(summary: CheckpointSummary) -> str:
+    """One line: the checkpoint's bytes and files against the dense size."""
+    ratio = summary.total_bytes / summary.dense_bytes if summary.dense_bytes else 0.0
+    return (
+        f"total {_bytes(summary.total_bytes)} ({summary.total_bytes} bytes in "
+        f"{summary.file_count} files) against dense {_bytes(summary.dense_bytes)} "
+        f"({summary.dense_bytes} bytes): {ratio:.3f} of dense"
+    )
