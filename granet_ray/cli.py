@@ -153,6 +153,12 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, grid: bool = False) -> 
     )
     g.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across workers")
+    g.add_argument(
+        "--sparse-allreduce",
+        action=argparse.BooleanOptionalAction,
+        help="under DDP, all-reduce only the active weights' gradients between mask updates "
+        "(default: the preset's, on)",
+    )
     if grid:
         g.add_argument("--seeds", nargs="+", type=int, help="one trial per seed")
     else:
@@ -287,9 +293,7 @@ def recipe(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     train = rescale(train, epochs=epochs, global_batch=global_batch)
     if args.prune_window is not None:
         granet["prune_start"], granet["prune_end"] = args.prune_window
-    flags = {"channels_last": False} if args.no_channels_last else {}
-    flags.update({k: True for k in ("compile", "sync_bn") if getattr(args, k)})
-    train = train.replace(**fields, **flags, granet=granet)
+    train = train.replace(**fields, **_switches(args), granet=granet)
     return train, changes(base, train)
 
 
@@ -322,6 +326,15 @@ def run_settings(args: argparse.Namespace, *, sweep: bool = False) -> RunSetting
     )
 
 
+def _switches(args: argparse.Namespace) -> dict[str, bool]:
+    """The TrainConfig fields of the on/off recipe flags that were given."""
+    switches = {"channels_last": False} if args.no_channels_last else {}
+    switches.update({k: True for k in ("compile", "sync_bn") if getattr(args, k)})
+    if getattr(args, "sparse_allreduce", None) is not None:
+        switches["sparse_allreduce"] = args.sparse_allreduce
+    return switches
+
+
 def grid_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The sweep's recipe flags that were given, as grid-file keys (``tune.space.merge``)."""
     overrides: dict[str, Any] = {}
@@ -334,6 +347,7 @@ def grid_overrides(args: argparse.Namespace) -> dict[str, Any]:
         for f in (*TRAIN_FIELDS, "global_batch")
         if getattr(args, f, None) is not None
     }
+    train.update(_switches(args))
     if args.synthetic:
         raise ConfigError("synthetic=True is invalid for a sweep: set the grid's base dataset")
     if train:

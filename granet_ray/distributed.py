@@ -1,15 +1,23 @@
-"""Everything that calls ``torch.distributed``: score averaging and the exact mask agreement
-check.
+"""Everything that calls ``torch.distributed``: score averaging, the exact mask agreement
+check and the DDP communication hook that all-reduces only the active gradients.
 
 ``DistributedSync`` is the ``MaskSync`` the GraNet engine uses under DDP (gloo on CPU, NCCL
 on GPU). Collectives run in the same order on every worker: tensors are sorted by name and
-packed into one flat buffer per call.
+packed into one flat buffer per call. ``register_sparse_allreduce`` puts ``SparseAllReduce``
+on a DDP model.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: DDP checks a hook's annotations as objects.
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:
+    from granet_ray.sparsity import GraNet
 
 Tensors = dict[str, torch.Tensor]
 
@@ -126,3 +134,170 @@ class DistributedSync:
                     f"{dist.get_rank(self.group)} of {self.world_size})"
                 )
             start += size
+
+
+# ---- the sparse gradient all-reduce --------------------------------------------------------
+
+
+def _dense_strides(t: torch.Tensor) -> bool:
+    """Whether ``t``'s strides lay its elements out densely, without overlap (in some order
+    of its dimensions): then DDP's bucket holds them in that memory order."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda p: p[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def packed_offsets(
+    params: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    numel: int,
+    masks: Mapping[int, torch.Tensor],
+) -> torch.Tensor | None:
+    """The flat positions, in increasing order, of a DDP bucket of ``numel`` entries that
+    travel packed: every entry of a parameter without a mask and the active entries of one
+    with a mask (``masks``: bool masks by ``id(parameter)``). ``offsets``: where each of
+    ``params`` starts in the bucket. A parameter lies in the bucket in its memory order
+    (channels-last too), as DDP lays it out. None when every entry travels. Waits for the
+    device (once per parameter with a mask)."""
+    send: torch.Tensor | None = None
+    for param, offset in zip(params, offsets, strict=True):
+        mask = masks.get(id(param))
+        if mask is None or bool(mask.all()):
+            continue
+        if send is None:
+            send = torch.ones(numel, dtype=torch.bool, device=mask.device)
+        if _dense_strides(param):
+            view = send.as_strided(param.shape, param.stride(), offset)
+        else:
+            view = send[offset : offset + param.numel()].view(param.shape)
+        view.copy_(mask)
+    return None if send is None else send.nonzero().view(-1)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A bucket's parameters (by ``id``) and its ``packed_offsets``."""
+
+    params: tuple[int, ...]
+    index: torch.Tensor | None
+
+
+class SparseAllReduce:
+    """The state of a DDP communication hook that all-reduces only the active gradients.
+
+    Between two mask updates every worker holds the same masks (checked after each update,
+    spec section 5), so the entries of a gradient bucket that belong to active weights, and
+    every entry of parameters without a mask (biases, norms, layers kept dense), travel
+    packed in the same order on every worker, with no indices; the other entries come back
+    as 0 (their weights are masked anyway). At a step whose dense gradients the engine reads
+    (``engine.reads_gradients``: a regrowth by gradient, due or postponed) and while every
+    mask of a bucket is all ones, the whole bucket travels. The packing is rebuilt whenever
+    the engine's masks change (it replaces ``engine.masks`` at every change) and whenever DDP
+    rebuilds its buckets (after the first step).
+
+    Exact: each travelling entry is x 1/W and then summed, as DDP's reducer does, so on 2
+    workers it is bit-identical to plain DDP's. Two more elements per packed bucket, its min
+    and max, tell whether any worker's bucket holds a non-finite entry; then the inactive
+    entries come back NaN, so a GradScaler skips a step, and the engine postpones an update,
+    exactly when they would under plain DDP.
+
+    compress: ``torch.bfloat16`` or ``torch.float16`` all-reduces in that dtype, as DDP's
+    ``bf16_compress_hook`` / ``fp16_compress_hook`` (cast, / W, sum, cast back).
+    bytes_sent: bytes this worker has all-reduced so far; bytes_dense: those the same steps
+    would have all-reduced without the packing (the bucket buffers, in the wire dtype).
+    """
+
+    def __init__(
+        self,
+        engine: "GraNet",
+        group: dist.ProcessGroup | None = None,
+        compress: torch.dtype | None = None,
+    ) -> None:
+        if compress not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"compress={compress} is invalid: use torch.bfloat16, float16 or None")
+        self.engine = engine
+        self.group: dist.ProcessGroup = dist.group.WORLD if group is None else group
+        self.world_size = self.group.size()
+        self.compress = compress
+        self.bytes_sent = 0
+        self.bytes_dense = 0
+        self._masks: Tensors | None = None  # the engine.masks the plans were built from
+        self._by_param: dict[int, torch.Tensor] = {}
+        self._plans: dict[int, _Plan] = {}  # by bucket index
+
+    @staticmethod
+    def hook(
+        state: "SparseAllReduce", bucket: dist.GradBucket
+    ) -> torch.futures.Future[torch.Tensor]:
+        """The function ``DistributedDataParallel.register_comm_hook`` calls per bucket."""
+        return state.all_reduce(bucket)
+
+    def _plan(self, bucket: dist.GradBucket) -> _Plan:
+        engine = self.engine
+        if engine.masks is not self._masks:
+            self._masks = engine.masks
+            self._by_param = {id(engine.params[n]): m for n, m in engine.masks.items()}
+            self._plans = {}
+        params = bucket.parameters()
+        ids = tuple(id(p) for p in params)
+        plan = self._plans.get(bucket.index())
+        if plan is None or plan.params != ids:
+            base = bucket.buffer().storage_offset()
+            offsets = [g.storage_offset() - base for g in bucket.gradients()]
+            index = packed_offsets(params, offsets, bucket.buffer().numel(), self._by_param)
+            plan = self._plans[bucket.index()] = _Plan(ids, index)
+        return plan
+
+    def all_reduce(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        """Start the all-reduce of ``bucket``: packed between mask updates, whole at a step
+        whose dense gradients the engine reads. A future of the bucket buffer, reduced."""
+        buffer = bucket.buffer()
+        engine = self.engine
+        index = None if engine.reads_gradients(engine.step_count + 1) else self._plan(bucket).index
+        wire_dtype = self.compress or buffer.dtype
+        self.bytes_dense += buffer.numel() * wire_dtype.itemsize
+        if index is None:
+            source = buffer
+        else:
+            k = index.numel()
+            source = torch.empty(k + 2, dtype=buffer.dtype, device=buffer.device)
+            torch.index_select(buffer, 0, index, out=source[:k])
+            # the bucket's min and max travel too: they propagate NaN, and rounding to the
+            # wire dtype is monotonic, so they stay finite iff every entry does
+            torch.aminmax(buffer, out=(source[k], source[k + 1]))
+        if self.compress is None:
+            wire = source.mul_(1.0 / self.world_size)  # DDP's reducer: x 1/W while copying in
+        else:
+            wire = source.to(self.compress).div_(self.world_size)  # as bf16_compress_hook
+        self.bytes_sent += wire.numel() * wire.element_size()
+        work = self.group.allreduce([wire])  # a sum; dist.all_reduce adds Python logging
+
+        def unpack(future: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+            reduced = future.value()[0]
+            if index is None:
+                if self.compress is not None:
+                    buffer.copy_(reduced)
+                return buffer
+            k = index.numel()
+            # inactive: 0 where every worker's extremes are finite, else NaN (0 x inf = NaN)
+            buffer.copy_(reduced[k:].mul(0).sum().abs())
+            buffer.scatter_(0, index, reduced[:k].to(buffer.dtype))  # faster than index_copy_
+            return buffer
+
+        return work.get_future().then(unpack)
+
+
+def register_sparse_allreduce(
+    model: nn.Module, engine: "GraNet", compress: torch.dtype | None = None
+) -> SparseAllReduce | None:
+    """Register ``SparseAllReduce`` (over the model's process group) on ``model`` when it is
+    DistributedDataParallel (also inside ``torch.compile``); its state, or None otherwise."""
+    ddp = getattr(model, "_orig_mod", model)
+    if not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return None
+    state = SparseAllReduce(engine, ddp.process_group, compress)
+    ddp.register_comm_hook(state, SparseAllReduce.hook)
+    return state

@@ -5,6 +5,7 @@ DDP and the engine uses the ``DistributedSync``, as a Ray worker would."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,14 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def default_loader_workers(device: torch.device) -> int:
+    """Data-loader processes of a run in this process: none on the CPU (its cores train), up
+    to 4 on CUDA, leaving one CPU core to the training loop."""
+    if device.type != "cuda":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 class CheckpointHooks(Hooks):
     """Writes the due checkpoints of a run in this process into its folder."""
 
@@ -69,10 +78,12 @@ def fit_local(
     progress: bool = True,
     console: Console | None = None,
     hooks: Sequence[Hooks] = (),
+    loader_workers: int | None = None,
 ) -> FitOutcome:
     """Train ``train`` in this process on ``device`` (default: CUDA if available), writing
     checkpoints into ``settings``' run folder (resuming from the newest one there), and
-    return the outcome. ``settings.num_workers`` is ignored; ``hooks`` are extra hooks."""
+    return the outcome. ``settings.num_workers`` is ignored; ``hooks`` are extra hooks;
+    ``loader_workers``: data-loader processes (None: ``default_loader_workers``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preflight(train, 1, device.type == "cuda")
     check_storage(settings)
@@ -84,6 +95,7 @@ def fit_local(
         device=device,
         wrap=(lambda model: wrap_ddp(model, device)) if distributed else None,
         sync=DistributedSync() if distributed else None,
+        loader_workers=default_loader_workers(device) if loader_workers is None else loader_workers,
     )
     resume = latest_checkpoint(settings.run_uri, storage_options=settings.storage_options)
     position = Position()

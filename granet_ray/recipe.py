@@ -36,7 +36,7 @@ from granet_ray.data.sharding import (
     smallest_step,
     steps_per_epoch,
 )
-from granet_ray.distributed import sum_across_workers
+from granet_ray.distributed import SparseAllReduce, register_sparse_allreduce, sum_across_workers
 from granet_ray.models import build_model
 from granet_ray.sparsity import GraNet, MaskSync, unwrap
 
@@ -168,6 +168,8 @@ class Run:
     """Everything one process trains with. ``model`` is what the loop calls (maybe DDP- or
     compile-wrapped); ``net`` the plain module (its state-dict names are the checkpoint's).
     ``rank`` of ``world`` workers; ``precision`` resolved; ``scaler`` only for fp16;
+    ``channels_last``: model and 4-d inputs in the channels-last memory format;
+    ``allreduce``: the sparse gradient all-reduce of a DDP model (``train.sparse_allreduce``);
     ``resizes``: the elastic restarts on another number of workers so far."""
 
     train: TrainConfig
@@ -186,6 +188,8 @@ class Run:
     sampler: MicroBatchSampler
     train_loader: DataLoader
     test_loader: DataLoader
+    channels_last: bool = False
+    allreduce: SparseAllReduce | None = None
     resizes: list[dict[str, Any]] = field(default_factory=list)
 
     def state(self) -> dict[str, Any]:
@@ -204,6 +208,16 @@ def has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+def loader_options(device: torch.device, loader_workers: int) -> dict[str, Any]:
+    """DataLoader options: pinned memory on CUDA only (for non-blocking copies); with
+    ``loader_workers`` > 0 processes the workers live across epochs and prefetch 4 batches
+    each."""
+    options: dict[str, Any] = {"num_workers": loader_workers, "pin_memory": device.type == "cuda"}
+    if loader_workers:
+        options.update(persistent_workers=True, prefetch_factor=4)
+    return options
+
+
 def build_run(
     train: TrainConfig,
     *,
@@ -214,12 +228,15 @@ def build_run(
     sync: MaskSync | None = None,
     loader_workers: int = 0,
     data: DataBundle | None = None,
+    channels_last: bool | None = None,
 ) -> Run:
     """Assemble ``train`` for worker ``rank`` of ``world`` on ``device``.
 
     wrap: turns the model (on its device) into what the loop calls, e.g. DDP
     (``ray.train.torch.prepare_model``). sync: the engine's cross-worker agreement.
     loader_workers: data-loader processes. data: the datasets, when already built.
+    channels_last: the memory format of a conv net and its inputs (None: channels-last on
+    CUDA when ``train.channels_last``; True also on the CPU, e.g. to test that path).
     Seeds every RNG with ``train.seed`` first, so every worker starts from the same weights
     and masks; afterwards each worker's RNGs follow ``worker_seed``.
     """
@@ -235,7 +252,10 @@ def build_run(
     if train.sync_bn and world > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = net.to(device)
-    if train.channels_last and device.type == "cuda" and has_conv(net):
+    if channels_last is None:
+        channels_last = train.channels_last and device.type == "cuda"
+    channels_last = channels_last and has_conv(net)
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = wrap(net) if wrap is not None else net
     net = unwrap(model)
@@ -250,18 +270,14 @@ def build_run(
         steps_per_epoch=plan.steps_per_epoch,
         sync=sync,
     )
+    allreduce = register_sparse_allreduce(model, engine) if train.sparse_allreduce else None
     precision = resolve_precision(train.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     sampler = MicroBatchSampler()
-    pin = device.type == "cuda"
-    workers = {"num_workers": loader_workers}
-    if loader_workers:
-        workers.update(persistent_workers=True, prefetch_factor=4)
-    train_loader = DataLoader(data.train, batch_sampler=sampler, pin_memory=pin, **workers)
+    options = loader_options(device, loader_workers)
+    train_loader = DataLoader(data.train, batch_sampler=sampler, **options)
     shard = Subset(data.test, range(rank, len(data.test), world))  # type: ignore[arg-type]
-    test_loader = DataLoader(
-        shard, batch_size=max(1, plan.global_batch // world), pin_memory=pin, **workers
-    )
+    test_loader = DataLoader(shard, batch_size=max(1, plan.global_batch // world), **options)
     seed_everything(worker_seed(train.seed, rank))  # the same weights, own augmentation
     return Run(
         train=train,
@@ -280,6 +296,8 @@ def build_run(
         sampler=sampler,
         train_loader=train_loader,
         test_loader=test_loader,
+        channels_last=channels_last,
+        allreduce=allreduce,
     )
 
 
@@ -367,14 +385,13 @@ def train_steps(run: Run, epoch: int, sums: Sums, *, start_step: int = 0) -> Ite
     )
     run.sampler.shares = shares
     batches = iter(run.train_loader)
-    memory = run.train.channels_last and device.type == "cuda"
     for share in shares:
         run.optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         for i, _ in enumerate(share.micro):
             inputs, targets = next(batches)
             inputs = inputs.to(device, non_blocking=True)
-            if memory and inputs.dim() == 4:
+            if run.channels_last and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             targets = targets.to(device, non_blocking=True)
             last = i == len(share.micro) - 1
@@ -414,7 +431,8 @@ def evaluate_model(
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     sums = Sums.zeros(device)
     for inputs, targets in loader:
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
         if channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
@@ -428,13 +446,12 @@ def evaluate_model(
 def evaluate(run: Run) -> Totals:
     """Cross-entropy and top-1 sums over this worker's shard of the test set (samples rank,
     rank + world, ...: each on exactly one worker), added over every worker."""
-    channels_last = run.train.channels_last and run.device.type == "cuda"
     return evaluate_model(
         run.model,
         run.test_loader,
         device=run.device,
         precision=run.precision,
-        channels_last=channels_last,
+        channels_last=run.channels_last,
     ).across_workers()
 
 

@@ -124,6 +124,19 @@ def check_resumable(metadata: dict[str, Any], train: TrainConfig) -> None:
         )
 
 
+def _match_memory_format(optimizer: torch.optim.Optimizer) -> None:
+    """Give every weight-shaped optimizer state its parameter's strides (loaded state is
+    contiguous; a channels-last weight's momentum would otherwise stay in the other memory
+    format and slow every step after a resume)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                mismatched = torch.is_tensor(value) and value.shape == param.shape
+                if mismatched and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     names = []
     for key in sorted(set(old) | set(new)):
@@ -159,6 +172,7 @@ def restore(run: Run, uri: str, storage_options: dict[str, Any] | None = None) -
     run.optimizer.load_state_dict(
         optimizer_state_from_names(loaded.optimizer_state, run.optimizer, named)
     )
+    _match_memory_format(run.optimizer)
     run.scheduler.load_state_dict(meta["scheduler"])
     run.engine.load_state_dict({**meta["engine"], "masks": loaded.masks})
     if run.scaler is not None and meta["scaler"]:

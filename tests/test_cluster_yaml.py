@@ -57,8 +57,32 @@ def test_installs_this_package_and_gives_workers_s3_access(cluster: dict[str, An
     assert all("IamInstanceProfile" in t["node_config"] for t in gpu)
 
 
-def test_its_example_command_names_an_existing_job(cluster: dict[str, Any]) -> None:
+def test_gpu_workers_are_spot_instances_between_a_min_and_a_max(cluster: dict[str, Any]) -> None:
+    types = cluster["available_node_types"]
+    gpu = [t for t in types.values() if t["resources"].get("GPU", 0) > 0]
+    assert gpu and all(
+        t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for t in gpu
+    )
+    assert all(1 <= t["min_workers"] < t["max_workers"] for t in gpu)
+    head = types[cluster["head_node_type"]]
+    assert "InstanceMarketOptions" not in head["node_config"]  # the driver never goes away
+
+
+def test_its_example_command_is_a_valid_elastic_job(cluster: dict[str, Any]) -> None:
     text = (ROOT / "cluster.yaml").read_text()
     assert "ray job submit --working-dir ." in text
     assert "python jobs/imagenet_resnet50.py" in text
     assert (ROOT / "jobs" / "imagenet_resnet50.py").exists()
+    lines = text.split("ray job submit --working-dir . -- \\\n")[1].split("ray down")[0]
+    flags = " ".join(line.strip("# \\\n") for line in lines.splitlines()).split()[2:]
+    from granet_ray.cli import build_parser, recipe, run_settings
+
+    args = build_parser().parse_args(["fit", "--preset", "imagenet_resnet50", *flags])
+    run = run_settings(args)
+    assert run.elastic and (run.min_workers, run.num_workers) == (4, 16)
+    gpu = [t for t in cluster["available_node_types"].values() if t["resources"].get("GPU", 0)]
+    per_node = gpu[0]["resources"]["GPU"]
+    assert run.min_workers <= gpu[0]["min_workers"] * per_node
+    assert run.num_workers <= gpu[0]["max_workers"] * per_node
+    train, _ = recipe(args)
+    assert train.global_batch == 128 and train.data_root == "/mnt/imagenet"

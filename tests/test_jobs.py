@@ -235,7 +235,9 @@ def ray_head() -> Iterator[dict[str, str]]:
 def test_ray_job_submit_trains_and_leaves_a_loadable_checkpoint(
     ray_head: dict[str, str], tmp_path: Path
 ) -> None:
+    # elastic between 1 and 2 workers: the head's 2 CPUs hold both, so it trains on 2
     flags = ["--epochs", "1", "--train-size", "256", "--global-batch", "32"]
+    flags += ["--min-workers", "1", "--max-workers", "2"]
     flags += ["--update-interval", "2", "--storage", str(tmp_path), "--name", "submitted"]
     command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python"]
     command += ["jobs/mnist_demo.py", *flags]
@@ -248,6 +250,7 @@ def test_ray_job_submit_trains_and_leaves_a_loadable_checkpoint(
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "succeeded" in result.stdout
     assert "test accuracy of the sparse model" in result.stdout
+    assert "training on 2 worker(s)" in result.stdout
     checkpoint = load_sparse(tmp_path / "submitted" / "checkpoint_epoch_0001")
     assert checkpoint.metadata["epoch"] == 1 and checkpoint.metadata["world_size"] == 2
     active = sum(int(m.sum()) for m in checkpoint.masks.values())

@@ -266,6 +266,7 @@ GLOO_TRAIN = _small(
     warmup_epochs=0.5,
     lr_milestones=(1,),
     lr_gamma=0.5,
+    sparse_allreduce=False,  # plain DDP: its dense mean gradient is compared with one process's
 )
 GLOO_MAX_BATCH = 7
 FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "granet_ray.recipe"]

@@ -1,0 +1,345 @@
+"""The GPU training path on a CUDA device (marked ``gpu``, skipped without CUDA; run by
+``benchmarks/gpu_check.py``): CUDA masks equal CPU masks with either threshold method, an fp16
+GradScaler overflow at an update step postpones the update, no host sync between mask
+updates, build_run's CUDA settings, the recipe under a one-process NCCL group (DDP, the exact
+mask check on CUDA tensors, with and without the sparse all-reduce hook, a checkpoint round
+trip) and torch.compile with the engine. No Ray."""
+
+from __future__ import annotations
+
+import functools
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from granet_ray.config import GraNetConfig, RunSettings, TrainConfig
+from granet_ray.distributed import DistributedSync, SparseAllReduce
+from granet_ray.local import fit_local
+from granet_ray.models import build_model
+from granet_ray.recipe import Hooks, Position, Run, Sums, build_run, evaluate, train_steps
+from granet_ray.sparsity import criteria, prunable_parameters
+from granet_ray.sparsity.criteria import (
+    global_magnitude_prune,
+    keep_top,
+    layerwise_magnitude_prune,
+    prune_and_regrow,
+)
+from granet_ray.store import load_sparse
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+GPU = torch.device("cuda")
+CPU = torch.device("cpu")
+CL = torch.channels_last
+Tensors = dict[str, torch.Tensor]
+
+
+def _small(**kw: Any) -> TrainConfig:
+    """The MNIST conv net on 96 synthetic samples: two epochs of three global steps of 32, a
+    mask update every 2 steps (the prune lands at step 2), default precision (auto) and
+    memory format (channels-last on CUDA)."""
+    base: dict[str, Any] = {
+        "model": "mnist_convnet",
+        "dataset": "synthetic_mnist5k",
+        "train_size": 96,
+        "epochs": 2,
+        "global_batch": 32,
+        "lr": 0.05,
+        "lr_milestones": (),
+        "granet": GraNetConfig(
+            init_density=0.5, final_density=0.2, update_interval=2, prune_start=0, prune_end=1
+        ),
+    }
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _on(tensors: Tensors, device: torch.device) -> Tensors:
+    return {n: t.to(device) for n, t in tensors.items()}
+
+
+def _assert_equal(got: Tensors, expected: Tensors, what: str) -> None:
+    assert got.keys() == expected.keys(), what
+    for n, t in expected.items():
+        assert torch.equal(got[n].cpu(), t.cpu()), f"{what}: {n}"
+
+
+def _assert_masked(run: Run) -> None:
+    for n, p in run.engine.params.items():
+        assert bool((p.detach()[~run.engine.masks[n]] == 0).all()), n
+
+
+# ---- 1. masks: CUDA equals the CPU --------------------------------------------------------------
+
+
+def _tied(n: int, seed: int) -> torch.Tensor:
+    """n CPU scores from 9 distinct values (many ties), a fifth of them -1 (inactive)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 9, (n,), generator=g).float() * 0.125
+    scores[torch.rand(n, generator=g) < 0.2] = -1.0
+    return scores
+
+
+@pytest.mark.parametrize("method", ["kthvalue", "topk"])
+@pytest.mark.parametrize("n", [1, 7, 1000, 2**20 + 3])
+def test_keep_top_on_cuda_equals_the_cpu(method: str, n: int) -> None:
+    scores = _tied(n, seed=n)
+    ks = range(n + 2) if n <= 1000 else [0, 1, 2, n // 10, n // 2, n // 2 + 1, n - 3, n - 1, n]
+    on_gpu = scores.to(GPU)
+    for k in ks:
+        got = keep_top(on_gpu, k, method=method)
+        assert got.device.type == "cuda"
+        assert torch.equal(got.cpu(), keep_top(scores, k)), k  # the CPU default: kthvalue
+
+
+@pytest.fixture(scope="module")
+def resnet50_layers() -> dict[str, Tensors]:
+    """ResNet-50's prunable weights (25.5 M) rounded to multiples of 1/64 (many ties), half of
+    them active, gradients with ties; and the CPU's masks of a global prune to 0.3, a
+    layer-wise prune to 0.3 and a regrowth of 0.3 of each layer."""
+    net = build_model("resnet50")
+    g = torch.Generator().manual_seed(0)
+    weights, grads, masks = {}, {}, {}
+    for n, p in prunable_parameters(net).items():
+        masks[n] = torch.rand(p.shape, generator=g) < 0.5
+        weights[n] = (p.detach() * 64).round() / 64 * masks[n]
+        grads[n] = (torch.randn(p.shape, generator=g) * 4).round() / 4
+    return {
+        "weights": weights,
+        "grads": grads,
+        "masks": masks,
+        "global": global_magnitude_prune(weights, masks, 0.3),
+        "layer": layerwise_magnitude_prune(weights, masks, 0.3),
+        "regrow": prune_and_regrow(weights, grads, masks, 0.3),
+    }
+
+
+@pytest.mark.parametrize("method", [None, "kthvalue", "topk"])
+def test_global_prune_and_regrowth_on_cuda_equal_the_cpu(
+    resnet50_layers: dict[str, Tensors], method: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On identical ResNet-50 tensors every criterion gives the CPU's masks, with the CUDA
+    default (None: topk, never kthvalue's slow CUDA kernel) or either method forced."""
+    if method is None:
+        kthvalue = torch.kthvalue
+
+        def cpu_only(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            assert t.device.type == "cpu", "kthvalue on a CUDA tensor"
+            return kthvalue(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "kthvalue", cpu_only)
+    else:
+        monkeypatch.setattr(criteria, "keep_top", functools.partial(keep_top, method=method))
+    ref = resnet50_layers
+    weights, grads, masks = (_on(ref[k], GPU) for k in ("weights", "grads", "masks"))
+    pruned = global_magnitude_prune(weights, masks, 0.3)
+    assert all(m.device.type == "cuda" for m in pruned.values())
+    _assert_equal(pruned, ref["global"], "global prune")
+    _assert_equal(layerwise_magnitude_prune(weights, masks, 0.3), ref["layer"], "layer prune")
+    _assert_equal(prune_and_regrow(weights, grads, masks, 0.3), ref["regrow"], "regrowth")
+
+
+# ---- 2. an fp16 overflow at an update step ------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")
+def test_fp16_overflow_at_an_update_step_postpones_the_update() -> None:
+    run = build_run(_small(precision="fp16"), device=GPU)
+    assert isinstance(run.scaler, torch.amp.GradScaler) and run.scaler._device == "cuda"
+    steps = train_steps(run, 0, Sums.zeros(GPU))
+    assert next(steps).update is None
+    before = {n: t.detach().clone() for n, t in run.net.state_dict().items()}
+    run.scaler.load_state_dict({**run.scaler.state_dict(), "scale": 2.0**60})
+    info = next(steps)  # step 2: an update is due, the scaled fp16 gradients overflow
+    assert info.step == 2 and info.update is None and run.engine.pending == 2
+    assert not all(bool(torch.isfinite(p.grad).all()) for p in run.engine.params.values())
+    for n, t in run.net.state_dict().items():
+        if t.is_floating_point() and "running" not in n:  # the optimizer step was skipped
+            assert torch.equal(t, before[n]), n
+    assert run.scaler.get_scale() == 2.0**59  # backed off
+    run.scaler.load_state_dict({**run.scaler.state_dict(), "scale": 1.0})
+    info = next(steps)  # step 3: finite gradients, the update runs with step 2's schedule
+    assert info.update is not None and (info.update["step"], info.update["due_step"]) == (3, 2)
+    assert run.engine.pending is None and info.update["target_density"] == 0.2
+    _assert_masked(run)
+
+
+# ---- 3. no host sync between mask updates ---------------------------------------------------
+
+
+def test_no_host_sync_between_mask_updates_on_cuda() -> None:
+    """After two warm-up steps, CUDA's sync debug mode makes every host sync an error, except
+    inside ``engine.step()`` at a mask update: the loop, the loader (pinned memory,
+    non-blocking copies, persistent workers) and bf16 autocast never wait for the GPU."""
+    train = _small(
+        model="resnet20",
+        dataset="synthetic_cifar10",
+        train_size=256,
+        epochs=1,
+        precision="bf16",
+        granet=GraNetConfig(
+            init_density=0.5, final_density=0.2, update_interval=3, prune_start=0, prune_end=1
+        ),
+    )
+    run = build_run(train, device=GPU, loader_workers=2)
+    engine_step = run.engine.step
+
+    def step_syncing_at_updates() -> dict[str, Any] | None:
+        if run.engine.next_update_step() != run.engine.step_count + 1:
+            return engine_step()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return engine_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    run.engine.step = step_syncing_at_updates  # type: ignore[method-assign]
+    sums = Sums.zeros(GPU)
+    steps = train_steps(run, 0, sums)
+    warmup = [next(steps).step for _ in range(2)]  # cudnn autotuning, first allocations
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        checked = [(info.step, info.update is not None) for info in steps]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert warmup == [1, 2] and [s for s, _ in checked] == list(range(3, 9))
+    assert [s for s, updated in checked if updated] == [3, 6]
+    assert sums.read().count == 256
+
+
+# ---- 4. build_run on CUDA -----------------------------------------------------------------------
+
+
+def test_build_run_on_cuda_turns_on_cudnn_benchmark_channels_last_and_pinned_loaders(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    run = build_run(_small(model="resnet20", dataset="synthetic_cifar10"), device=GPU)
+    assert torch.backends.cudnn.benchmark
+    assert run.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    assert run.channels_last
+    for n, p in run.engine.params.items():
+        if p.dim() == 4:
+            assert p.is_cuda and p.is_contiguous(memory_format=CL), n
+            assert run.engine.masks[n].is_contiguous(memory_format=CL), n
+    assert run.train_loader.pin_memory and run.test_loader.pin_memory
+    plain = build_run(
+        _small(model="resnet20", dataset="synthetic_cifar10", channels_last=False), device=GPU
+    )
+    assert not plain.channels_last
+    assert all(p.is_contiguous() for p in plain.engine.params.values())
+
+
+# ---- 5. the recipe under a one-process NCCL group ---------------------------------------------
+
+
+@pytest.fixture
+def nccl_group() -> Iterator[None]:
+    """A one-process NCCL group on a free loopback port, destroyed afterwards."""
+    torch.cuda.set_device(0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class _Capture(Hooks):
+    """Keeps the run at every epoch end."""
+
+    run: Run | None = None
+
+    def on_epoch(
+        self, run: Run, metrics: dict[str, Any], position: Position, checkpoint: bool
+    ) -> None:
+        self.run = run
+
+
+def test_the_recipe_under_a_one_process_nccl_group(
+    nccl_group: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fit_local`` in a one-process NCCL group: DDP, the ``DistributedSync`` whose exact mask
+    check runs after every update on CUDA tensors, with the plain all-reduce and with the
+    sparse all-reduce hook (the same masks and weights: one worker, deterministic cudnn);
+    the final checkpoint loads back bit for bit, on the CPU and on the GPU."""
+    checks: list[tuple[int, set[str]]] = []
+    check = DistributedSync.check
+
+    def counted(self: DistributedSync, masks: Tensors, step: int) -> None:
+        checks.append((step, {m.device.type for m in masks.values()}))
+        check(self, masks, step)
+
+    monkeypatch.setattr(DistributedSync, "check", counted)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    base = _small(
+        model="resnet20",
+        dataset="synthetic_cifar10",
+        train_size=256,
+        global_batch=64,
+        granet=GraNetConfig(
+            init_density=0.5, final_density=0.2, update_interval=2, prune_start=0, prune_end=1
+        ),
+    )  # 4 steps per epoch, 8 in all: updates at 2, 4 (prune + regrow) and 6 (regrow)
+    runs: dict[bool, Run] = {}
+    for sparse in (False, True):
+        capture = _Capture()
+        settings = RunSettings(storage_path=str(tmp_path), name=f"sparse_{sparse}")
+        train = base.replace(sparse_allreduce=sparse)
+        outcome = fit_local(train, settings, device=GPU, progress=False, hooks=[capture])
+        run = capture.run
+        assert run is not None and isinstance(run.model, DDP)
+        assert isinstance(run.engine.sync, DistributedSync)
+        assert run.engine.sync.device.type == "cuda"
+        assert isinstance(run.allreduce, SparseAllReduce) == sparse
+        assert run.channels_last and run.precision in ("bf16", "fp16")
+        assert run.train_loader.num_workers > 0 and run.train_loader.persistent_workers
+        updates = [h["step"] for h in run.engine.history]
+        assert updates == [2, 4, 6]
+        assert checks[-3:] == [(s, {"cuda"}) for s in updates]
+        assert outcome.metrics["step"] == 8 and abs(outcome.metrics["density"] - 0.2) < 1e-6
+        model = build_model(train.model, num_classes=10)
+        loaded = load_sparse(outcome.checkpoint_uri, model=model)
+        _assert_equal(model.state_dict(), run.net.state_dict(), "loaded weights")
+        _assert_equal(loaded.masks, run.engine.masks, "loaded masks")
+        on_gpu = load_sparse(outcome.checkpoint_uri, map_location=GPU)
+        assert all(m.device.type == "cuda" for m in on_gpu.masks.values())
+        _assert_equal(on_gpu.masks, run.engine.masks, "masks loaded onto the GPU")
+        runs[sparse] = run
+    _assert_equal(runs[True].engine.masks, runs[False].engine.masks, "masks, hook vs plain")
+    weights = {n: t.float() for n, t in runs[False].net.state_dict().items()}
+    hooked = {n: t.float() for n, t in runs[True].net.state_dict().items()}
+    torch.testing.assert_close(hooked, weights)
+
+
+# ---- 6. torch.compile with the engine -----------------------------------------------------------
+
+
+def test_a_compiled_model_trains_with_the_engine_on_cuda() -> None:
+    """``compile=True`` (inductor): the engine masks the weights the compiled graph reads, in
+    channels-last, and reaches the eager run's density at the same update."""
+    compiled = build_run(_small(compile=True), device=GPU)
+    eager = build_run(_small(), device=GPU)
+    assert compiled.model is not compiled.net and compiled.model._orig_mod is compiled.net
+    losses = {}
+    for name, run in (("compiled", compiled), ("eager", eager)):
+        infos = list(train_steps(run, 0, Sums.zeros(GPU)))
+        assert [i.update is not None for i in infos] == [False, True, False], name
+        losses[name] = torch.stack([i.loss for i in infos]).float().cpu()
+        _assert_masked(run)
+        assert run.net.conv2.weight.is_contiguous(memory_format=CL), name
+        assert run.engine.masks["conv2.weight"].is_contiguous(memory_format=CL), name
+    assert compiled.engine.density() == eager.engine.density()
+    torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=0.05, atol=0.05)
+    assert evaluate(compiled).count == 64
