@@ -9,14 +9,13 @@ byte count without a process group."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from processes import gloo_workers
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -31,7 +30,6 @@ from granet_ray.distributed import (
 from granet_ray.recipe import Run, Sums, build_run, train_steps
 
 CPU = torch.device("cpu")
-FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "granet_ray.recipe"]
 # MNIST conv net on 96 synthetic samples: 3 epochs of 6 global steps of 16 (8 per worker),
 # a mask update every 3 steps from prune_start on (each regrows by gradient; the last at 15).
 DENSE_TO_SPARSE = TrainConfig(
@@ -222,21 +220,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Both workers' traces of every scenario (one fork-server start for the module)."""
     out = tmp_path_factory.mktemp("allreduce")
-    mp.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
-    mp.start_processes(
-        _worker, args=(_free_port(), str(out)), nprocs=2, join=True, start_method="forkserver"
-    )
-    return [torch.load(out / f"{rank}.pt", weights_only=False) for rank in range(2)]
+    return gloo_workers(_worker, 2, out)
 
 
 def _assert_same(a: Any, b: Any, where: str) -> None:

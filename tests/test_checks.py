@@ -3,11 +3,11 @@ the storage probe catches unreachable, unauthorized and unwritable storage."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import pytest
+from processes import free_port
 
 from granet_ray.checks import check_storage, preflight
 from granet_ray.config import ConfigError, RunSettings, preset
@@ -64,9 +64,7 @@ def test_storage_probe_on_s3(seaweedfs: SeaweedFS, s3_prefix: str) -> None:
     wrong = {**good, "secret": "wrong"}
     with pytest.raises(StorageAuthError):
         check_storage(RunSettings(storage_path=s3_prefix, storage_options=wrong))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    closed = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(StorageUnreachableError):
         check_storage(

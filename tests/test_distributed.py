@@ -9,12 +9,11 @@ positions summed over a layer can miss) fail too, naming the layer and the step.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from processes import free_port
 from torch import nn
 
 from granet_ray.config import GraNetConfig
@@ -167,17 +166,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """The results of both workers (spawned once for all tests of this module)."""
     out = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"{rank}.pt") for rank in range(2)]
 
 

@@ -23,6 +23,7 @@ import pytest
 import ray
 from fixtures_ray import RAY_ENV
 from fixtures_s3 import S3_TEST_BUCKET
+from processes import free_port
 
 from granet_ray.store import load_sparse
 from granet_ray.testing.seaweedfs import SeaweedFS
@@ -44,12 +45,6 @@ def _job(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     return module
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -119,7 +114,7 @@ def test_unreachable_s3_endpoint_fails_before_ray_within_seconds(
 ) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AK")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SK")
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     flags = ["--storage", "s3://bucket/x", "--s3-endpoint", endpoint]
     assert _job("imagenet_resnet50", monkeypatch).main(["--synthetic", *flags]) == 2

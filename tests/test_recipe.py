@@ -5,7 +5,6 @@ no host syncs between mask updates. No Ray."""
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from processes import gloo_workers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -269,7 +268,6 @@ GLOO_TRAIN = _small(
     sparse_allreduce=False,  # plain DDP: its dense mean gradient is compared with one process's
 )
 GLOO_MAX_BATCH = 7
-FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "granet_ray.recipe"]
 
 
 def _trace(run: Run) -> dict[str, Any]:
@@ -318,28 +316,12 @@ def _gloo_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gloo(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
     """The traces of a 1-process reference and of every rank of 2 and 4 gloo processes."""
     out = tmp_path_factory.mktemp("gloo")
     traces = {1: [_trace(build_run(GLOO_TRAIN, device=CPU))]}
-    # A fork server that imports torch and the recipe once starts the 4 workers in well
-    # under a second each (a plain spawn imports torch and torch._dynamo in every one).
-    mp.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
-    mp.start_processes(
-        _gloo_worker,
-        args=(_free_port(), str(out)),
-        nprocs=4,
-        join=True,
-        start_method="forkserver",
-    )
-    ranks = [torch.load(out / f"{r}.pt", weights_only=False) for r in range(4)]
+    ranks = gloo_workers(_gloo_worker, 4, out)
     return {**traces, 2: [ranks[r][2] for r in range(2)], 4: [ranks[r][4] for r in range(4)]}
 
 
