@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from tiny import tiny_train
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from granet_ray.config import GraNetConfig, RunSettings, TrainConfig
@@ -43,24 +44,9 @@ CL = torch.channels_last
 Tensors = dict[str, torch.Tensor]
 
 
-def _small(**kw: Any) -> TrainConfig:
-    """The MNIST conv net on 96 synthetic samples: two epochs of three global steps of 32, a
-    mask update every 2 steps (the prune lands at step 2), default precision (auto) and
-    memory format (channels-last on CUDA)."""
-    base: dict[str, Any] = {
-        "model": "mnist_convnet",
-        "dataset": "synthetic_mnist5k",
-        "train_size": 96,
-        "epochs": 2,
-        "global_batch": 32,
-        "lr": 0.05,
-        "lr_milestones": (),
-        "granet": GraNetConfig(
-            init_density=0.5, final_density=0.2, update_interval=2, prune_start=0, prune_end=1
-        ),
-    }
-    base.update(kw)
-    return TrainConfig(**base)
+def _cuda_train(**changes: Any) -> TrainConfig:
+    """The tiny run with the GPU defaults: auto precision, channels-last on CUDA."""
+    return tiny_train(**{"precision": "auto", "channels_last": True, **changes})
 
 
 def _on(tensors: Tensors, device: torch.device) -> Tensors:
@@ -153,7 +139,7 @@ def test_global_prune_and_regrowth_on_cuda_equal_the_cpu(
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")
 def test_fp16_overflow_at_an_update_step_postpones_the_update() -> None:
-    run = build_run(_small(precision="fp16"), device=GPU)
+    run = build_run(_cuda_train(precision="fp16"), device=GPU)
     assert isinstance(run.scaler, torch.amp.GradScaler) and run.scaler._device == "cuda"
     steps = train_steps(run, 0, Sums.zeros(GPU))
     assert next(steps).update is None
@@ -180,7 +166,7 @@ def test_no_host_sync_between_mask_updates_on_cuda() -> None:
     """After two warm-up steps, CUDA's sync debug mode makes every host sync an error, except
     inside ``engine.step()`` at a mask update: the loop, the loader (pinned memory,
     non-blocking copies, persistent workers) and bf16 autocast never wait for the GPU."""
-    train = _small(
+    train = _cuda_train(
         model="resnet20",
         dataset="synthetic_cifar10",
         train_size=256,
@@ -223,7 +209,7 @@ def test_build_run_on_cuda_turns_on_cudnn_benchmark_channels_last_and_pinned_loa
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    run = build_run(_small(model="resnet20", dataset="synthetic_cifar10"), device=GPU)
+    run = build_run(_cuda_train(model="resnet20", dataset="synthetic_cifar10"), device=GPU)
     assert torch.backends.cudnn.benchmark
     assert run.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert run.channels_last
@@ -233,7 +219,7 @@ def test_build_run_on_cuda_turns_on_cudnn_benchmark_channels_last_and_pinned_loa
             assert run.engine.masks[n].is_contiguous(memory_format=CL), n
     assert run.train_loader.pin_memory and run.test_loader.pin_memory
     plain = build_run(
-        _small(model="resnet20", dataset="synthetic_cifar10", channels_last=False), device=GPU
+        _cuda_train(model="resnet20", dataset="synthetic_cifar10", channels_last=False), device=GPU
     )
     assert not plain.channels_last
     assert all(p.is_contiguous() for p in plain.engine.params.values())
@@ -283,7 +269,7 @@ def test_the_recipe_under_a_one_process_nccl_group(
 
     monkeypatch.setattr(DistributedSync, "check", counted)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    base = _small(
+    base = _cuda_train(
         model="resnet20",
         dataset="synthetic_cifar10",
         train_size=256,
@@ -329,8 +315,8 @@ def test_the_recipe_under_a_one_process_nccl_group(
 def test_a_compiled_model_trains_with_the_engine_on_cuda() -> None:
     """``compile=True`` (inductor): the engine masks the weights the compiled graph reads, in
     channels-last, and reaches the eager run's density at the same update."""
-    compiled = build_run(_small(compile=True), device=GPU)
-    eager = build_run(_small(), device=GPU)
+    compiled = build_run(_cuda_train(compile=True), device=GPU)
+    eager = build_run(_cuda_train(), device=GPU)
     assert compiled.model is not compiled.net and compiled.model._orig_mod is compiled.net
     losses = {}
     for name, run in (("compiled", compiled), ("eager", eager)):

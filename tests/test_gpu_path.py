@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 import torch
+from tiny import tiny_train
+from tiny import weights as _weights
 
 from granet_ray import local, recipe
 from granet_ray.cli import build_parser
@@ -58,28 +60,9 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _small(**kw: Any) -> TrainConfig:
-    """ResNet-20 (BatchNorm, 3-channel inputs) on 96 synthetic CIFAR-10 samples, fp32: two
-    epochs of three global steps of 32; masks 0.5 -> 0.2 at step 2, regrowth at 2 and 4."""
-    base: dict[str, Any] = {
-        "model": "resnet20",
-        "dataset": "synthetic_cifar10",
-        "train_size": 96,
-        "epochs": 2,
-        "global_batch": 32,
-        "lr": 0.05,
-        "lr_milestones": (),
-        "precision": "fp32",
-        "granet": GraNetConfig(
-            init_density=0.5, final_density=0.2, update_interval=2, prune_start=0, prune_end=1
-        ),
-    }
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _weights(run: Run) -> Tensors:
-    return {n: t.detach().clone() for n, t in run.net.state_dict().items()}
+def _resnet(**changes: Any) -> TrainConfig:
+    """The tiny run on ResNet-20 (BatchNorm, 3-channel inputs) and synthetic CIFAR-10."""
+    return tiny_train(**{"model": "resnet20", "dataset": "synthetic_cifar10", **changes})
 
 
 def _assert_masked(run: Run) -> None:
@@ -108,7 +91,7 @@ def test_the_channels_last_path_on_the_cpu_keeps_the_format_and_matches_contiguo
     mask updates; masks equal the contiguous run's exactly, weights to float tolerance (the
     MNIST net: ResNet-20's BatchNorm on random labels amplifies the kernels' rounding to
     0.5% of a gradient, enough to reorder near-equal regrowth scores)."""
-    small = _small(model="mnist_convnet", dataset="synthetic_mnist5k")
+    small = tiny_train()
     contiguous = build_run(small, device=CPU, channels_last=False)
     last = build_run(small, device=CPU, channels_last=True)
     assert not contiguous.channels_last and last.channels_last
@@ -159,7 +142,7 @@ def test_a_resumed_channels_last_run_keeps_its_optimizer_state_channels_last(
 ) -> None:
     """The checkpoint stores state densely; on resume every weight-shaped optimizer state
     gets its weight's strides back, or every later step would mix memory formats."""
-    cfg = _small(model="mnist_convnet", dataset="synthetic_mnist5k")
+    cfg = tiny_train()
     run = build_run(cfg, device=CPU, channels_last=True)
     list(train_steps(run, 0, Sums.zeros(CPU)))
     uri = save_checkpoint(run, Position(1, 0), str(tmp_path / "ck"), [rng_state()])
@@ -175,7 +158,7 @@ def test_a_resumed_channels_last_run_keeps_its_optimizer_state_channels_last(
 def test_bf16_autocast_with_channels_last_through_run_epochs() -> None:
     """The GPU default (bf16 autocast, channels-last) through ``run_epochs`` on the CPU:
     training and evaluation run in bf16, weights stay fp32 and channels-last."""
-    run = build_run(_small(precision="bf16", epochs=1), device=CPU, channels_last=True)
+    run = build_run(_resnet(precision="bf16", epochs=1), device=CPU, channels_last=True)
     hooks = _Dtypes(run)
     run_epochs(run, hooks)
     assert run.precision == "bf16" and run.scaler is None
@@ -200,7 +183,7 @@ def test_loader_options_pin_memory_on_cuda_only_and_keep_prefetching_workers() -
         "persistent_workers": True,
         "prefetch_factor": 4,
     }
-    run = build_run(_small(), device=CPU, loader_workers=2)
+    run = build_run(_resnet(), device=CPU, loader_workers=2)
     for loader in (run.train_loader, run.test_loader):
         assert not loader.pin_memory and loader.num_workers == 2
         assert loader.persistent_workers and loader.prefetch_factor == 4
@@ -225,8 +208,8 @@ def test_loader_workers_live_across_epochs_and_give_the_same_run() -> None:
     """Two persistent, prefetching loader processes feed the same batches as the loop's own
     process (the sampler's new shares are read at every epoch): the run ends bit for bit
     where it ends without workers, and the same worker processes served both epochs."""
-    plain = build_run(_small(), device=CPU)
-    pooled = build_run(_small(), device=CPU, loader_workers=2)
+    plain = build_run(_resnet(), device=CPU)
+    pooled = build_run(_resnet(), device=CPU, loader_workers=2)
     plain_hooks, pooled_hooks = _Workers(), _Workers()
     run_epochs(plain, plain_hooks)
     run_epochs(pooled, pooled_hooks)
@@ -294,7 +277,7 @@ def test_an_unknown_precision_flag_is_refused_naming_the_choices(
 
 def test_cudnn_benchmark_is_left_alone_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    build_run(_small(), device=CPU)
+    build_run(_resnet(), device=CPU)
     assert torch.backends.cudnn.benchmark is False  # set on CUDA only (tests/test_gpu.py)
 
 
@@ -304,7 +287,7 @@ def test_cudnn_benchmark_is_left_alone_on_the_cpu(monkeypatch: pytest.MonkeyPatc
 def test_compile_with_inductor_through_build_run_masks_the_weights_the_graph_reads() -> None:
     """``compile=True``: the loop calls the compiled model, the engine masks the plain
     module's weights (which the compiled graph reads, not a copy): the run matches eager."""
-    small = _small(model="mnist_convnet", dataset="synthetic_mnist5k", epochs=1)
+    small = tiny_train(epochs=1)
     compiled = build_run(small.replace(compile=True), device=CPU)
     eager = build_run(small, device=CPU)
     assert isinstance(compiled.model, torch._dynamo.eval_frame.OptimizedModule)
@@ -335,7 +318,7 @@ def test_the_dense_baseline_never_masks(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(
         torch, "_foreach_mul_", lambda *a, **k: calls.append(1) or foreach_mul(*a, **k)
     )
-    dense = _small(granet=GraNetConfig(method="static", final_density=1.0))
+    dense = _resnet(granet=GraNetConfig(method="static", final_density=1.0))
     run = build_run(dense, device=CPU)
     for epoch in range(2):
         assert all(i.update is None for i in train_steps(run, epoch, Sums.zeros(CPU)))
@@ -351,7 +334,7 @@ def test_the_cuda_threshold_method_gives_the_same_run(monkeypatch: pytest.Monkey
     for method in ("kthvalue", "topk"):
         with monkeypatch.context() as patch:
             patch.setattr(criteria, "keep_top", functools.partial(keep_top, method=method))
-            run = build_run(_small(model="mnist_convnet", dataset="synthetic_mnist5k"), device=CPU)
+            run = build_run(tiny_train(), device=CPU)
             for epoch in range(2):
                 list(train_steps(run, epoch, Sums.zeros(CPU)))
         runs[method] = run
@@ -372,7 +355,7 @@ def test_progress_reads_the_loss_at_intervals_updates_and_epoch_ends_only(
 ) -> None:
     """Reading a step's loss waits for the device: ``ProgressHooks`` does it for the first
     step, a mask update, an epoch's last step, or after ``interval`` seconds, else never."""
-    train = _small(model="mnist_convnet", dataset="synthetic_mnist5k", train_size=192, epochs=1)
+    train = tiny_train(train_size=192, epochs=1)
     run = build_run(train, device=CPU)  # 6 steps, mask updates at 2, 4 and 6
     infos = list(train_steps(run, 0, Sums.zeros(CPU)))
     clock = iter([0.0, 0.1, 0.2, 0.3, 0.9, 1.0])

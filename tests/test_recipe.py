@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from processes import gloo_workers
+from tiny import tiny_train
+from tiny import weights as _weights
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -60,31 +62,6 @@ def _cfg(**kw: Any) -> TrainConfig:
     }
     base.update(kw)
     return TrainConfig(**base)
-
-
-def _small(**kw: Any) -> TrainConfig:
-    """The MNIST conv net on a few synthetic MNIST-shaped samples, fp32, two epochs of three
-    global steps of 32, a mask update every 2 steps while pruning (epoch 1)."""
-    base: dict[str, Any] = {
-        "model": "mnist_convnet",
-        "dataset": "synthetic_mnist5k",
-        "train_size": 96,
-        "epochs": 2,
-        "global_batch": 32,
-        "lr": 0.05,
-        "lr_milestones": (),
-        "precision": "fp32",
-        "channels_last": False,
-        "granet": GraNetConfig(
-            init_density=0.5, final_density=0.2, update_interval=2, prune_start=0, prune_end=1
-        ),
-    }
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _weights(run: Run) -> Tensors:
-    return {n: t.detach().clone() for n, t in run.net.state_dict().items()}
 
 
 def _grads(run: Run) -> Tensors:
@@ -165,7 +142,7 @@ def test_build_optimizer() -> None:
 
 
 def test_epochs_decrease_the_loss_and_step_the_engine_once_per_global_step() -> None:
-    cfg = _small(
+    cfg = tiny_train(
         dataset="mnist5k",
         train_size=256,
         epochs=4,
@@ -223,7 +200,7 @@ def test_plan_refuses_a_global_batch_that_leaves_a_worker_without_a_sample() -> 
     with pytest.raises(ConfigError, match="global_batch"):
         plan_run(train.replace(global_batch=4), 5, 8)  # one step of 5 samples for 8 workers
     with pytest.raises(ConfigError, match="global_batch"):
-        build_run(_small(global_batch=2, train_size=3), device=CPU, world=4)
+        build_run(tiny_train(global_batch=2, train_size=3), device=CPU, world=4)
 
 
 # ---- 3. gradient accumulation --------------------------------------------------------------
@@ -236,7 +213,7 @@ def _first_step(train: TrainConfig) -> tuple[StepInfo, Tensors, Tensors]:
 
 
 def test_gradient_accumulation_gives_the_same_step() -> None:
-    train = _small(dataset="mnist5k", train_size=64)
+    train = tiny_train(dataset="mnist5k", train_size=64)
     initial = _weights(build_run(train, device=CPU))
     info, grads, weights = _first_step(train)
     assert info.share.micro == (32,)
@@ -257,7 +234,7 @@ def test_gradient_accumulation_gives_the_same_step() -> None:
 # 150 samples in 5 steps of 30: shares 15/15 on 2 workers, 8/8/7/7 on 4; the workers
 # accumulate over micro-batches of at most 7: 5 + 5 + 5 on 2; 4 + 4 on ranks 0 and 1 of 4 but
 # a single 7 on ranks 2 and 3 (one synced backward each); the reference doesn't.
-GLOO_TRAIN = _small(
+GLOO_TRAIN = tiny_train(
     dataset="synthetic_mnist5k",
     train_size=150,
     global_batch=30,
@@ -378,7 +355,7 @@ def test_workers_agree_exactly_and_match_one_process(
 
 # ---- 5. run_epochs with hooks, and a mid-epoch resume -----------------------------------------
 
-HOOKS_TRAIN = _small(
+HOOKS_TRAIN = tiny_train(
     train_size=96,
     global_batch=16,
     epochs=3,
@@ -503,7 +480,7 @@ def test_a_run_resumed_mid_epoch_trains_the_remaining_steps_bit_for_bit(
 def test_a_loss_diverged_on_any_worker_stops_every_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     """The finiteness check reads the sums over all workers: a worker whose own loss is
     finite raises too, instead of waiting in the next collective for one that stopped."""
-    run = build_run(_small(), device=CPU)
+    run = build_run(tiny_train(), device=CPU)
 
     def another_worker_diverged(values: list[float]) -> list[float]:
         loss, *rest = values
@@ -524,12 +501,12 @@ def test_auto_precision_is_fp32_on_the_cpu() -> None:
     assert resolve_precision("auto", CPU) == "fp32"
     for precision in ("fp32", "fp16", "bf16"):
         assert resolve_precision(precision, CPU) == precision
-    run = build_run(_small(precision="auto"), device=CPU)
+    run = build_run(tiny_train(precision="auto"), device=CPU)
     assert run.precision == "fp32" and run.scaler is None
 
 
 def test_bf16_trains_under_autocast() -> None:
-    run = build_run(_small(precision="bf16"), device=CPU)
+    run = build_run(tiny_train(precision="bf16"), device=CPU)
     assert run.precision == "bf16" and run.scaler is None
     dtypes: list[torch.dtype] = []
     run.net.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
@@ -546,7 +523,7 @@ def test_bf16_trains_under_autocast() -> None:
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")
 def test_fp16_uses_a_grad_scaler_that_skips_overflowing_steps() -> None:
-    run = build_run(_small(precision="fp16"), device=CPU)
+    run = build_run(tiny_train(precision="fp16"), device=CPU)
     assert run.precision == "fp16"
     assert isinstance(run.scaler, torch.amp.GradScaler) and run.scaler._device == "cpu"
     state = run.scaler.state_dict()
@@ -574,7 +551,7 @@ SYNCS = ("item", "__bool__", "__float__", "__int__", "tolist")  # each waits for
 
 
 def test_no_host_sync_between_mask_updates(monkeypatch: pytest.MonkeyPatch) -> None:
-    train = _small(
+    train = tiny_train(
         train_size=128,
         global_batch=16,
         max_batch_per_worker=6,
