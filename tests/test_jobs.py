@@ -160,7 +160,7 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[dict[str, str]]:
     """A local Ray head (``ray start --head --block``) on free ports with its own temp dir;
     yields the environment for ``ray job submit``. Stopped by its PID (SIGTERM, which tears
@@ -226,27 +226,50 @@ def ray_head() -> Iterator[dict[str, str]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.ray
-def test_ray_job_submit_trains_and_leaves_a_loadable_checkpoint(
-    ray_head: dict[str, str], tmp_path: Path
-) -> None:
-    # elastic between 1 and 2 workers: the head's 2 CPUs hold both, so it trains on 2
-    flags = ["--epochs", "1", "--train-size", "256", "--global-batch", "32"]
-    flags += ["--min-workers", "1", "--max-workers", "2"]
-    flags += ["--update-interval", "2", "--storage", str(tmp_path), "--name", "submitted"]
+def _submit(env: dict[str, str], job: str, flags: list[str]) -> subprocess.CompletedProcess:
+    """``ray job submit`` of ``jobs/<job>.py`` with ``flags`` to the head of ``env``."""
     command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python"]
-    command += ["jobs/mnist_demo.py", *flags]
+    command += [f"jobs/{job}.py", *flags]
     for _ in range(5):  # the job server answers before the head's job agent is up
         result = subprocess.run(
-            command, cwd=ROOT, env=ray_head, capture_output=True, text=True, timeout=480
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480
         )
         if "No available agent to submit job" not in result.stderr:
             break
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "succeeded" in result.stdout
+    return result
+
+
+@pytest.mark.ray
+def test_ray_job_submit_trains_and_leaves_a_loadable_checkpoint(
+    ray_head: dict[str, str], tmp_path: Path
+) -> None:
+    flags = ["--epochs", "1", "--train-size", "256", "--global-batch", "32"]
+    flags += ["--update-interval", "2", "--storage", str(tmp_path), "--name", "submitted"]
+    result = _submit(ray_head, "mnist_demo", flags)
     assert "test accuracy of the sparse model" in result.stdout
     assert "training on 2 worker(s)" in result.stdout
     checkpoint = load_sparse(tmp_path / "submitted" / "checkpoint_epoch_0001")
     assert checkpoint.metadata["epoch"] == 1 and checkpoint.metadata["world_size"] == 2
     active = sum(int(m.sum()) for m in checkpoint.masks.values())
     assert active / sum(m.numel() for m in checkpoint.masks.values()) == pytest.approx(0.1, 1e-4)
+
+
+@pytest.mark.ray
+def test_ray_job_submit_of_the_imagenet_job_elastic_between_1_and_2_workers(
+    ray_head: dict[str, str], tmp_path: Path
+) -> None:
+    """The ImageNet job (ResNet-50, synthetic images) with --min-workers / --max-workers:
+    Ray Train V2 gets (1, 2); the head's 2 CPUs hold both, so it trains on 2."""
+    flags = ["--synthetic", "--epochs", "2", "--train-size", "32", "--global-batch", "16"]
+    flags += ["--update-interval", "1", "--min-workers", "1", "--max-workers", "2"]
+    flags += ["--storage", str(tmp_path), "--name", "imagenet"]
+    result = _submit(ray_head, "imagenet_resnet50", flags)
+    assert "training on 2 worker(s): 2 epochs of 2 steps of 16 samples" in result.stdout
+    checkpoint = load_sparse(tmp_path / "imagenet" / "checkpoint_epoch_0002", map_location="cpu")
+    meta = checkpoint.metadata
+    assert (meta["epoch"], meta["step"], meta["world_size"]) == (2, 4, 2)
+    assert meta["train"]["dataset"] == "synthetic_imagenet" and meta["train"]["model"] == "resnet50"
+    active = sum(int(m.sum()) for m in checkpoint.masks.values())
+    assert active / sum(m.numel() for m in checkpoint.masks.values()) == pytest.approx(0.2, 1e-4)

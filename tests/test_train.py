@@ -162,3 +162,25 @@ def test_build_trainer_checks_before_ray_is_needed() -> None:
         build_trainer(preset("mnist_demo").replace(epochs=0), RunSettings())
     with pytest.raises(ConfigError, match="data_root"):
         build_trainer(preset("imagenet_resnet50"), RunSettings())
+
+
+def test_a_lost_progress_queue_never_fails_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """Progress is a display: when its queue's actor is gone (its node lost), rank 0 says
+    so once and trains on."""
+    from ray.exceptions import RayActorError
+
+    from granet_ray.train.worker import QueueSender
+
+    class GoneQueue:
+        calls = 0
+
+        def put_nowait(self, event: dict) -> None:
+            self.calls += 1
+            raise RayActorError()
+
+    queue = GoneQueue()
+    send = QueueSender(queue)  # type: ignore[arg-type]
+    for step in range(3):
+        send({"kind": "step", "step": step})
+    assert queue.calls == 1 and send.lost
+    assert capsys.readouterr().out.count("no longer sent to the driver") == 1

@@ -12,6 +12,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 from granet_ray.checks import check_storage, preflight
@@ -58,6 +59,13 @@ def connect(address: str | None = None, *, dashboard: bool = False) -> None:
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
         log_to_driver=False,
     )
+
+
+def progress_queue() -> Queue:
+    """The queue worker rank 0 sends progress events to, on this driver's node: a worker
+    node that goes away (an elastic run losing a node) must not take the queue with it."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
 def build_trainer(
@@ -127,7 +135,7 @@ def fit(
     check_storage(run)
     run = run.replace(name=run.name or run_name(train))
     console = console or default_console()
-    queue = Queue(actor_options={"num_cpus": 0}) if progress else None
+    queue = progress_queue() if progress else None
     try:
         trainer = build_trainer(train, run, progress_queue=queue, hooks=hooks)
         with RunView(console, enabled=progress) as view:

@@ -17,6 +17,8 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+from ray.exceptions import RayError
+from ray.util.queue import Queue
 
 from granet_ray.config import RunSettings, TrainConfig
 from granet_ray.distributed import DistributedSync, gather_objects
@@ -68,6 +70,25 @@ class ReportHooks(Hooks):
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
+class QueueSender:
+    """Rank 0's progress events onto the driver's queue. Progress is a display, never a
+    reason to fail a run: when the queue cannot be reached (its actor gone, the driver
+    lost) the sender says so once and drops the rest."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.lost = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.lost:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except RayError as err:
+            self.lost = True
+            print(f"granet-ray: progress events are no longer sent to the driver: {err}")
+
+
 def record_resize(run: Run, resumed: Resumed, now: float) -> dict[str, Any] | None:
     """The resize record of a run restarted on another number of workers than the one that
     wrote ``resumed`` (None for the same number): step, old and new size, the checkpoint,
@@ -112,10 +133,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     hooks: list[Hooks] = [ReportHooks(), *config.get("hooks", [])]
     queue = config.get("progress")
     if queue is not None and rank == 0:
-        hooks.insert(0, ProgressHooks(queue.put_nowait))
-        queue.put_nowait(start_event(run, Position() if resumed is None else resumed.position, uri))
+        send = QueueSender(queue)
+        hooks.insert(0, ProgressHooks(send))
+        send(start_event(run, Position() if resumed is None else resumed.position, uri))
         if resize is not None:
-            queue.put_nowait({"kind": "resize", **resize})
+            send({"kind": "resize", **resize})
     run_epochs(
         run,
         HookChain(hooks),

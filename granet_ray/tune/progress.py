@@ -24,9 +24,12 @@ def _name(trial: Trial) -> str:
 
 
 def trial_summary(result: dict[str, Any], epochs: int) -> str:
-    """``epoch e/E val acc a density d`` of a trial's latest report (empty before one)."""
+    """``epoch e/E val acc a density d`` of a trial's latest epoch report; a mid-epoch
+    checkpoint report (``--checkpoint-every-steps``) gives its step."""
     if "epoch" not in result:
         return "no report"
+    if "val_accuracy" not in result:
+        return f"epoch {result['epoch']}/{epochs}, checkpoint at step {result['step']}"
     return (
         f"epoch {result['epoch']}/{epochs} val acc {result['val_accuracy']:.2%} "
         f"density {result['density']:.4f}"
