@@ -42,13 +42,7 @@ POISON = ("5.weight", "nan")
 Tensors = dict[str, torch.Tensor]  # where and what a non-finite gradient step injects
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and identically) on one intra-op thread on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> nn.Sequential:

@@ -12,13 +12,7 @@ from granet_ray.config import GraNetConfig
 from granet_ray.sparsity import GraNet, forward_flops, relative_flops
 from granet_ray.sparsity.flops import FlopsRecorder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flops_of(module: nn.Module, x: torch.Tensor) -> float:

@@ -1,11 +1,13 @@
-"""The tiny training run many tests share: a conv net on 96 synthetic samples, two epochs of
-three global steps of 32, masks 0.5 -> 0.2 with a mask update every 2 steps (the prune lands
-at step 2, regrowth at 2 and 4)."""
+"""The tiny training run many tests share, and the one-thread fixture they run under: a
+conv net on 96 synthetic samples, two epochs of three global steps of 32, masks 0.5 -> 0.2
+with a mask update every 2 steps (the prune lands at step 2, regrowth at 2 and 4)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 
 from granet_ray.config import GraNetConfig, TrainConfig
@@ -38,3 +40,13 @@ def tiny_train(**changes: Any) -> TrainConfig:
 def weights(run: Run) -> Tensors:
     """Copies of the run's plain model state."""
     return {n: t.detach().clone() for n, t in run.net.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest (and identically) on one intra-op thread on a shared 2-core
+    box: ``pytestmark = pytest.mark.usefixtures("one_thread")`` in a test module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
