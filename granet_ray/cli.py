@@ -20,57 +20,104 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
 from granet_ray.config import (
-    METHODS,
-    PRECISIONS,
+    FIELD_CHOICES,
     PRESETS,
-    PRUNE_SCOPES,
+    TRIAL_DRIVER_CPU,
     ConfigError,
     RunSettings,
     TrainConfig,
     changes,
     default_storage_path,
+    field_kind,
     load_preset_file,
+    override,
+    parse_value,
     preset,
-    rescale,
+    resolve_key,
 )
 from granet_ray.store.errors import CheckpointError
 from granet_ray.ui import console as default_console
 
-# A sweep trial's Tune driver holds this many CPUs beside its Train workers (Tune refuses 0).
-TRIAL_DRIVER_CPU = 0.01
 # --synthetic: random images in the dataset's shape, a smoke-sized run unless flags say more.
-SMOKE = {"train_size": 64, "epochs": 2, "global_batch": 16, "update_interval": 2}
-# Recipe flags that set a TrainConfig field of the same name, and the GraNet ones.
-TRAIN_FIELDS = (
-    "model",
-    "data_root",
-    "train_size",
-    "max_batch_per_worker",
-    "lr",
-    "seed",
-    "precision",
-)
-GRANET_FIELDS = (
-    "method",
-    "init_density",
-    "final_density",
-    "update_interval",
-    "prune_scope",
-    "regrow_fraction",
-)
-GRID_FIELDS = (
-    "method",
-    "init_density",
-    "final_density",
-    "update_interval",
-    "prune_window",
-    "regrow_fraction",
+SMOKE = {"train_size": 64, "epochs": 2, "global_batch": 16, "granet.update_interval": 2}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A recipe flag: ``--<last part of key, with dashes>`` sets override ``key`` (its type
+    and choices come from the config field). ``axis``: in a sweep it takes several values,
+    one grid axis (``granet.method``: one variant per method)."""
+
+    key: str
+    help: str
+    axis: bool = False
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.key.rpartition(".")[2]
+
+    @property
+    def option(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+
+# Every recipe flag, one row each: what ``train``, ``fit`` and ``sweep`` accept besides
+# ``--preset``, ``--preset-file``, ``--synthetic`` and ``--set KEY=VALUE`` (any field).
+RECIPE_FLAGS = (
+    Flag("model", "replace the preset's model (e.g. vgg19_bn)"),
+    Flag("data_root", "the dataset's folder (cifar10, imagenet)"),
+    Flag("train_size", "use only this many training samples"),
+    Flag(
+        "epochs",
+        "train this many epochs; the epoch-based schedule (pruning window, LR milestones, "
+        "warm-up) is scaled to match, and a shorter run's update interval too",
+    ),
+    Flag(
+        "global_batch",
+        "samples per optimizer step over all workers; another value than the preset's "
+        "scales the LR linearly and the update interval inversely",
+    ),
+    Flag("max_batch_per_worker", "the most one worker's forward pass takes; more is accumulated"),
+    Flag("lr", "the learning rate (after --global-batch scaling)"),
+    Flag("precision", "autocast precision (auto: bf16 or fp16 on GPUs, fp32 on the CPU)"),
+    Flag("channels_last", "conv nets on CUDA in the channels-last memory format"),
+    Flag("compile", "run the model through torch.compile"),
+    Flag("sync_bn", "SyncBatchNorm across workers (CUDA workers)"),
+    Flag(
+        "sparse_allreduce",
+        "under DDP, all-reduce only the active weights' gradients between mask updates",
+    ),
+    Flag("seed", "seeds weights, data order and augmentation (a sweep: --seeds)"),
+    Flag("granet.method", "the sparse-training method", axis=True),
+    Flag("granet.init_density", "d_i (1.0 = dense-to-sparse)", axis=True, metavar="D_I"),
+    Flag("granet.final_density", "d_f (0.1 = 90%% sparsity)", axis=True, metavar="D_F"),
+    Flag(
+        "granet.update_interval",
+        "global optimizer steps between mask updates",
+        axis=True,
+        metavar="STEPS",
+    ),
+    Flag(
+        "granet.prune_window",
+        "gradual pruning window in epochs",
+        axis=True,
+        metavar="START:END",
+    ),
+    Flag(
+        "granet.regrow_fraction",
+        "initial regeneration fraction (default: the method's)",
+        axis=True,
+        metavar="P0",
+    ),
+    Flag("granet.prune_scope", "global or per-layer pruning (default: the method's)"),
 )
 
 
@@ -95,24 +142,48 @@ def _window(text: str) -> list[float]:
         ) from None
 
 
+def _pair(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set``: the key resolved, the value read as its field's type."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. lr=0.05)")
+    try:
+        key = resolve_key(key.strip())
+        return key, parse_value(key, value)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _value_type(key: str) -> Callable[[str], Any]:
+    """The argparse type of a flag's values: its config field's type."""
+    if key == "granet.prune_window":
+        return _window
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(key, text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = field_kind(key)
+    return parse
+
+
 # ---- flag groups ----------------------------------------------------------------------------
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser, *, grid: bool = False) -> None:
-    """Model, data and schedule flags (defaults: the preset's). With ``grid`` (a sweep) the
-    schedule flags take several values, each replacing the grid file's list."""
+    """The recipe flags of ``RECIPE_FLAGS`` (defaults: the preset's). With ``grid`` (a sweep)
+    the axis flags take several values, each replacing the grid file's list."""
     g = parser.add_argument_group(
         "recipe (defaults: the preset's" + (" or grid file's)" if grid else ")")
     )
-    many: dict[str, Any] = {"nargs": "+"} if grid else {}
     g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings to start from")
     g.add_argument(
         "--preset-file",
-        help="a TrainConfig JSON/YAML file (e.g. a sweep's "
-        "best-density-*.json) instead of --preset",
+        help="a TrainConfig JSON/YAML file (e.g. a sweep's best-density-*.json) instead of "
+        "--preset",
     )
-    g.add_argument("--model", help="replace the preset's model (e.g. vgg19_bn)")
-    g.add_argument("--data-root", help="the dataset's folder (cifar10, imagenet)")
     g.add_argument(
         "--synthetic",
         action="store_true",
@@ -120,83 +191,32 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, grid: bool = False) -> 
         f"{SMOKE['train_size']} samples, {SMOKE['epochs']} epochs, global batch "
         f"{SMOKE['global_batch']} unless those flags are given",
     )
-    g.add_argument("--train-size", type=int, help="use only this many training samples")
+    for flag in RECIPE_FLAGS:
+        if grid and flag.key == "seed":
+            g.add_argument("--seeds", nargs="+", type=int, help="one trial per seed")
+            continue
+        options: dict[str, Any] = {"dest": flag.dest, "help": flag.help}
+        kind = field_kind(flag.key)
+        if kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options.update(type=_value_type(flag.key), metavar=flag.metavar)
+            choices = FIELD_CHOICES.get(flag.key)
+            if choices:
+                options.update(choices=list(choices), metavar=None)
+            if grid and flag.axis:
+                options["nargs"] = "+"
+        g.add_argument(flag.option, **options)
     g.add_argument(
-        "--epochs",
-        type=int,
-        help="train this many epochs; the epoch-based schedule "
-        "(pruning window, LR milestones, warm-up) is scaled to match, and a shorter "
-        "run's update interval too",
+        "--set",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="set any TrainConfig field, e.g. granet.final_density=0.05 or lr_milestones=[30,60] "
+        "(repeatable; after the named flags)",
     )
-    g.add_argument(
-        "--global-batch",
-        type=int,
-        help="samples per optimizer step over all "
-        "workers; another value than the preset's scales the LR linearly and the "
-        "update interval inversely",
-    )
-    g.add_argument(
-        "--max-batch-per-worker",
-        type=int,
-        help="the most one worker's forward pass takes; more is accumulated",
-    )
-    g.add_argument("--lr", type=float, help="the learning rate (after --global-batch scaling)")
-    g.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="autocast precision (auto: bf16 or fp16 on GPUs, fp32 on the CPU)",
-    )
-    g.add_argument(
-        "--no-channels-last",
-        action="store_true",
-        help="keep conv nets on CUDA in the default memory format",
-    )
-    g.add_argument("--compile", action="store_true", help="run the model through torch.compile")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across workers")
-    g.add_argument(
-        "--sparse-allreduce",
-        action=argparse.BooleanOptionalAction,
-        help="under DDP, all-reduce only the active weights' gradients between mask updates "
-        "(default: the preset's, on)",
-    )
-    if grid:
-        g.add_argument("--seeds", nargs="+", type=int, help="one trial per seed")
-    else:
-        g.add_argument("--seed", type=int)
-    g.add_argument("--method", choices=list(METHODS), **many)
-    g.add_argument(
-        "--init-density", type=float, metavar="D_I", help="d_i (1.0 = dense-to-sparse)", **many
-    )
-    g.add_argument(
-        "--final-density", type=float, metavar="D_F", help="d_f (0.1 = 90%% sparsity)", **many
-    )
-    g.add_argument(
-        "--update-interval",
-        type=int,
-        metavar="STEPS",
-        help="global optimizer steps between mask updates",
-        **many,
-    )
-    g.add_argument(
-        "--prune-window",
-        type=_window,
-        metavar="START:END",
-        help="gradual pruning window in epochs",
-        **many,
-    )
-    g.add_argument(
-        "--regrow-fraction",
-        type=float,
-        metavar="P0",
-        help="initial regeneration fraction (default: the method's)",
-        **many,
-    )
-    if not grid:
-        g.add_argument(
-            "--prune-scope",
-            choices=PRUNE_SCOPES,
-            help="global or per-layer pruning (default: the method's)",
-        )
 
 
 def add_scale_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
@@ -209,8 +229,6 @@ def add_scale_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> 
         metavar="N|MIN:MAX",
         help="Ray Train workers of a run; MIN:MAX trains elastically between the two",
     )
-    g.add_argument("--min-workers", type=int, help="elastic: the fewest workers a run goes on with")
-    g.add_argument("--max-workers", type=int, help="elastic: the most workers a run grows to")
     g.add_argument(
         "--resize-interval",
         type=float,
@@ -264,36 +282,55 @@ def add_storage_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
-    g.add_argument("--no-progress", action="store_true", help="no live display")
+    g.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live display (the summary and the result are still printed)",
+    )
     g.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 # ---- flags -> configs ---------------------------------------------------------------------
 
 
+def flag_changes(args: argparse.Namespace, *, axes: bool = True) -> dict[str, Any]:
+    """The override keys of the recipe flags that were given, then the ``--set`` pairs
+    (later wins); without ``axes`` the sweep's axis flags are left out."""
+    given: dict[str, Any] = {}
+    for flag in RECIPE_FLAGS:
+        value = getattr(args, flag.dest, None)
+        if value is not None and (axes or not flag.axis):
+            given[flag.key] = value
+    given.update(dict(getattr(args, "overrides", [])))
+    return given
+
+
+def base_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """The config the flags start from (the preset or the preset file) and its name."""
+    if args.preset and args.preset_file:
+        raise ConfigError(
+            f"--preset {args.preset} and --preset-file {args.preset_file}: give one of them "
+            "(a preset file holds a whole recipe)"
+        )
+    if args.preset_file:
+        return load_preset_file(args.preset_file), args.preset_file
+    name = args.preset or "mnist_demo"
+    return preset(name), name
+
+
 def recipe(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     """The ``TrainConfig`` of the recipe flags: the preset (or preset file), then
-    ``--synthetic``, then ``--epochs`` / ``--global-batch`` rescaling, then every explicit
-    field. Also the list of what changed from the preset (printed by the jobs)."""
-    base = (
-        load_preset_file(args.preset_file)
-        if args.preset_file
-        else preset(args.preset or "mnist_demo")
-    )
+    ``--synthetic``'s smoke sizes for what the flags leave open, then the flags' and
+    ``--set``'s override keys (``config.override``: ``epochs`` / ``global_batch`` rescale
+    first). Also the list of what changed from the preset (printed by the jobs)."""
+    base, _ = base_config(args)
+    given = flag_changes(args)
     train = base
-    fields = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
-    granet = {f: getattr(args, f) for f in GRANET_FIELDS if getattr(args, f, None) is not None}
-    epochs, global_batch = args.epochs, args.global_batch
     if args.synthetic:
-        train = train.replace(dataset=f"synthetic_{train.dataset.removeprefix('synthetic_')}")
-        fields.setdefault("train_size", SMOKE["train_size"])
-        epochs = epochs or SMOKE["epochs"]
-        global_batch = global_batch or SMOKE["global_batch"]
-        granet.setdefault("update_interval", SMOKE["update_interval"])
-    train = rescale(train, epochs=epochs, global_batch=global_batch)
-    if args.prune_window is not None:
-        granet["prune_start"], granet["prune_end"] = args.prune_window
-    train = train.replace(**fields, **_switches(args), granet=granet)
+        dataset = f"synthetic_{train.dataset.removeprefix('synthetic_')}"
+        smoke = {k: v for k, v in SMOKE.items() if k not in given}
+        train = override(train, {"dataset": dataset, **smoke})
+    train = override(train, given)
     return train, changes(base, train)
 
 
@@ -309,8 +346,6 @@ def run_settings(args: argparse.Namespace, *, sweep: bool = False) -> RunSetting
     if cpus is None:
         cpus = 1.0 - TRIAL_DRIVER_CPU if sweep else 1.0
     low, high = getattr(args, "num_workers", (1, 1))
-    low = getattr(args, "min_workers", None) or low
-    high = getattr(args, "max_workers", None) or high
     return RunSettings(
         num_workers=high,
         min_workers=low if low != high else None,
@@ -326,39 +361,28 @@ def run_settings(args: argparse.Namespace, *, sweep: bool = False) -> RunSetting
     )
 
 
-def _switches(args: argparse.Namespace) -> dict[str, bool]:
-    """The TrainConfig fields of the on/off recipe flags that were given."""
-    switches = {"channels_last": False} if args.no_channels_last else {}
-    switches.update({k: True for k in ("compile", "sync_bn") if getattr(args, k)})
-    if getattr(args, "sparse_allreduce", None) is not None:
-        switches["sparse_allreduce"] = args.sparse_allreduce
-    return switches
-
-
 def grid_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The sweep's recipe flags that were given, as grid-file keys (``tune.space.merge``)."""
-    overrides: dict[str, Any] = {}
-    if args.preset_file or args.preset:
-        overrides["base"] = os.path.abspath(args.preset_file) if args.preset_file else args.preset
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    train = {
-        f: getattr(args, f)
-        for f in (*TRAIN_FIELDS, "global_batch")
-        if getattr(args, f, None) is not None
-    }
-    train.update(_switches(args))
+    """The sweep's recipe flags that were given, as grid-file keys (``tune.space.merge``):
+    fixed fields under ``train``, axis flags as ``grid`` lists (``--method``: ``variants``)."""
     if args.synthetic:
         raise ConfigError("synthetic=True is invalid for a sweep: set the grid's base dataset")
+    overrides: dict[str, Any] = {}
+    if args.preset and args.preset_file:
+        base_config(args)  # refuses both
+    if args.preset_file or args.preset:
+        overrides["base"] = os.path.abspath(args.preset_file) if args.preset_file else args.preset
+    train = flag_changes(args, axes=False)
     if train:
         overrides["train"] = train
     grid = {
-        f: getattr(args, f) for f in GRID_FIELDS if f != "method" and getattr(args, f) is not None
+        flag.key: getattr(args, flag.dest)
+        for flag in RECIPE_FLAGS
+        if flag.axis and flag.key != "granet.method" and getattr(args, flag.dest) is not None
     }
     if grid:
         overrides["grid"] = grid
     if args.method:
-        overrides["variants"] = {m: {"method": m} for m in args.method}
+        overrides["variants"] = {m: {"granet.method": m} for m in args.method}
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     asha = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,61 @@ def check(ok: bool, field_name: str, value: Any, allowed: str) -> None:
 
 
 def is_int(value: Any) -> bool:
-    """An int that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python's or NumPy's) that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
-    """An int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite real number (Python's or NumPy's) that is not a bool: no field of any config
+    means something at infinity or NaN."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Seeds feed torch, NumPy and Python generators: a non-negative 63-bit integer fits all three.
+SEED_LIMIT = 2**63
+
+
+def check_seed(field_name: str, value: Any) -> None:
+    """Raise unless ``value`` is a seed: an integer in [0, 2**63)."""
+    check(
+        is_int(value) and 0 <= value < SEED_LIMIT,
+        field_name,
+        value,
+        "an integer in [0, 2**63)",
+    )
+
+
+def _normalize(config: Any) -> None:
+    """Plain Python values in a frozen config, before it is validated: NumPy numbers become
+    ``int`` / ``float``, a list or tuple given for a ``tuple`` field a tuple of plain values,
+    and a ``bool`` field refuses anything but True / False. Lists are what Python callers
+    and YAML files pass; NumPy numbers what array code passes."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kind = str(f.type)
+        if kind == "bool":
+            check(isinstance(value, bool), f.name, value, "True or False")
+        elif kind.startswith("tuple["):
+            check(
+                isinstance(value, Sequence) and not isinstance(value, str),
+                f.name,
+                value,
+                "a list of numbers",
+            )
+            object.__setattr__(config, f.name, tuple(_plain(v) for v in value))
+        else:
+            object.__setattr__(config, f.name, _plain(value))
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy (or other non-builtin) number as the Python ``int`` / ``float`` it equals."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def check_known(keys: Iterable[str], known: Iterable[str], where: str) -> None:
@@ -127,6 +176,14 @@ ALLOCATIONS = ("erk", "uniform")
 PRUNE_SCOPES = ("global", "layer")
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# The fields that take one of a few names, by override key (validation and flags read it).
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": OPTIMIZERS,
+    "precision": PRECISIONS,
+    "granet.method": tuple(METHODS),
+    "granet.prune_scope": PRUNE_SCOPES,
+    "granet.allocation": ALLOCATIONS,
+}
 
 
 @dataclass(frozen=True)
@@ -161,6 +218,7 @@ class GraNetConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _normalize(self)
         check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
         check(
             self.allocation in ALLOCATIONS,
@@ -231,7 +289,7 @@ class GraNetConfig:
                 self.regrow_end,
                 "a number of epochs > 0, or None",
             )
-        check(is_int(self.seed), "seed", self.seed, "an integer")
+        check_seed("seed", self.seed)
 
     @property
     def spec(self) -> MethodSpec:
@@ -277,6 +335,7 @@ class GraNetConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GraNetConfig:
+        """The config of ``data`` (field: value); fields left out keep their defaults."""
         return _from_dict(cls, data, "granet config")
 
 
@@ -349,6 +408,19 @@ class TrainConfig:
     granet: GraNetConfig = field(default_factory=lambda: _DEMO_GRANET)
 
     def __post_init__(self) -> None:
+        if isinstance(self.granet, Mapping):  # GraNet fields over the default GraNet config
+            known = (f.name for f in dataclasses.fields(GraNetConfig))
+            granet = dataclasses.replace(
+                _DEMO_GRANET, **check_mapping(self.granet, known, "granet")
+            )
+            object.__setattr__(self, "granet", granet)
+        check(
+            isinstance(self.granet, GraNetConfig),
+            "granet",
+            self.granet,
+            "a GraNetConfig or a mapping of its fields",
+        )
+        _normalize(self)
         check(is_int(self.epochs) and self.epochs > 0, "epochs", self.epochs, "a positive integer")
         check(
             self.train_size is None or (is_int(self.train_size) and self.train_size > 0),
@@ -423,7 +495,7 @@ class TrainConfig:
             self.precision,
             f"one of {', '.join(PRECISIONS)}",
         )
-        check(is_int(self.seed), "seed", self.seed, "an integer")
+        check_seed("seed", self.seed)
         if self.granet.prunes:
             check(
                 self.granet.prune_end <= self.epochs,
@@ -440,21 +512,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        data = dict(data)
-        if not isinstance(data.get("granet", {}), GraNetConfig):
-            data["granet"] = GraNetConfig.from_dict(
-                check_mapping(
-                    data.get("granet", {}),
-                    (f.name for f in dataclasses.fields(GraNetConfig)),
-                    "granet",
-                )
-            )
-        if "lr_milestones" in data:
-            data["lr_milestones"] = tuple(data["lr_milestones"])
+        """The config of ``data`` (``to_dict``'s shape): the fields it names, every other one
+        (also inside ``granet``) as in ``TrainConfig()``. Sets fields as given: unlike
+        ``override``, ``epochs`` and ``global_batch`` rescale nothing here."""
         return _from_dict(cls, data, "train config")
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with top-level fields changed; ``granet`` may be a dict of GraNet fields."""
+        """A copy with top-level fields changed; ``granet`` may be a mapping of GraNet fields
+        that change this config's GraNet config. Fields are set as given (see ``override``
+        for the language that also rescales)."""
         granet = changes.pop("granet", None)
         if isinstance(granet, Mapping):
             check_known(granet, (f.name for f in dataclasses.fields(GraNetConfig)), "granet")
@@ -587,6 +653,130 @@ def rescale(
     return train
 
 
+# ---- the override language: one way to change a TrainConfig -----------------------------------
+#
+# Flags, ``--set``, grid files, preset files and Python all express a change to a TrainConfig as
+# a mapping of keys to values, applied by ``override``. A key is a field of TrainConfig
+# (``lr``) or a dotted path into its GraNet config (``granet.final_density``); GraNet fields
+# that TrainConfig does not share may drop the prefix (``final_density``; ``seed`` is
+# TrainConfig's, ``granet.seed`` the engine's). A nested ``granet: {...}`` mapping means the
+# same as its dotted keys. ``granet.prune_window: [start, end]`` sets both ends of the window.
+# ``epochs`` and ``global_batch`` rescale the schedule (``rescale``) before any other key of
+# the same change is set, so an explicit ``lr`` or ``update_interval`` always wins.
+# Precedence, later wins: the preset (or ``TrainConfig()`` under a preset file), the preset
+# file, a grid file's ``train`` keys, a sweep's variant and grid point, then the command
+# line's named flags and ``--set`` pairs.
+
+GRANET_PREFIX = "granet."
+PAIR_KEYS = {"granet.prune_window": ("granet.prune_start", "granet.prune_end")}
+RESCALE_KEYS = ("epochs", "global_batch")
+
+
+def override_keys() -> list[str]:
+    """Every key ``override`` takes, dotted, in field order."""
+    train = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "granet"]
+    granet = [GRANET_PREFIX + f.name for f in dataclasses.fields(GraNetConfig)]
+    return [*train, *granet, *PAIR_KEYS]
+
+
+def resolve_key(key: Any) -> str:
+    """The dotted form of an override key (``final_density`` -> ``granet.final_density``);
+    ``ConfigError`` naming the known keys for anything else."""
+    known = override_keys()
+    if isinstance(key, str):
+        if key in known:
+            return key
+        if GRANET_PREFIX + key in known:
+            return GRANET_PREFIX + key
+    raise ConfigError(f"unknown train config field(s) {key}; known: {', '.join(known)}")
+
+
+def flatten(changes: Mapping[str, Any], where: str = "train config") -> dict[str, Any]:
+    """``changes`` with dotted keys only: nested ``granet`` mappings (or a ``GraNetConfig``)
+    opened, short GraNet keys prefixed. ``where`` names the source in errors."""
+    if not isinstance(changes, Mapping):
+        raise fail(where, changes, "a mapping of field: value")
+    flat: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, value in changes.items():
+        if key == "granet" and isinstance(value, (Mapping, GraNetConfig)):
+            inner = dataclasses.asdict(value) if isinstance(value, GraNetConfig) else value
+            pairs = [(GRANET_PREFIX + str(name), item) for name, item in inner.items()]
+        else:
+            pairs = [(key, value)]
+        for name, item in pairs:
+            try:
+                flat[resolve_key(name)] = item
+            except ConfigError:
+                unknown.append(str(name))
+    if unknown:
+        known = ", ".join(override_keys())
+        raise ConfigError(f"unknown {where} field(s) {', '.join(unknown)}; known: {known}")
+    return flat
+
+
+def override(
+    train: TrainConfig, changes: Mapping[str, Any], where: str = "train config"
+) -> TrainConfig:
+    """``train`` with ``changes`` (override keys, see above) applied: ``epochs`` and
+    ``global_batch`` rescale first, then every other key is set as given. Raises
+    ``ConfigError`` naming the field (``where`` names the source of an unknown key)."""
+    flat = flatten(changes, where)
+    train = rescale(
+        train, epochs=flat.pop("epochs", None), global_batch=flat.pop("global_batch", None)
+    )
+    for pair, (first, second) in PAIR_KEYS.items():
+        if pair in flat:
+            value = flat.pop(pair)
+            check(
+                isinstance(value, Sequence)
+                and not isinstance(value, str)
+                and len(value) == 2
+                and all(map(is_number, value)),
+                pair,
+                value,
+                "[start, end] in epochs",
+            )
+            flat[first], flat[second] = value
+    top = {k: v for k, v in flat.items() if not k.startswith(GRANET_PREFIX)}
+    granet = {k[len(GRANET_PREFIX) :]: v for k, v in flat.items() if k.startswith(GRANET_PREFIX)}
+    return train.replace(**top, granet=granet)
+
+
+def field_kind(key: str) -> str:
+    """The annotation of an override key's field, as written (``float``, ``int | None``...);
+    ``list`` for a pair key."""
+    if key in PAIR_KEYS:
+        return "list"
+    cls, name = (GraNetConfig, key[len(GRANET_PREFIX) :]) if "." in key else (TrainConfig, key)
+    return str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A command-line value for override key ``key``, read as its field's type: numbers,
+    ``true`` / ``false``, ``none`` / ``null`` where the field allows None, a YAML list
+    (``[30, 60]``) for a list field, else the text itself."""
+    key = resolve_key(key)
+    kind = field_kind(key)
+    if "None" in kind and text.strip().lower() in ("none", "null", ""):
+        return None
+    try:
+        if kind.startswith(("tuple", "list")):
+            value = yaml.safe_load(text)
+            return value if isinstance(value, list) else [value]
+        if kind.startswith("bool"):
+            flag = text.strip().lower()
+            check(flag in ("true", "false", "1", "0", "yes", "no"), key, text, "true or false")
+            return flag in ("true", "1", "yes")
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+    except (ValueError, yaml.YAMLError):
+        raise fail(key, text, f"a value of type {kind}") from None
+    return text
+
+
 def changes(old: TrainConfig, new: TrainConfig) -> list[str]:
     """``field: old -> new`` for every field that differs (GraNet fields as ``granet.x``)."""
 
@@ -616,7 +806,9 @@ def dump_preset(train: TrainConfig) -> bytes:
 
 
 def load_preset_file(path: str | Path) -> TrainConfig:
-    """The ``TrainConfig`` of a preset file (JSON, or YAML with the same fields); raises
+    """The ``TrainConfig`` of a preset file: override keys (JSON or YAML, nested as
+    ``to_dict`` writes them or dotted) applied to ``TrainConfig()``, so ``{}`` is
+    ``TrainConfig()`` and a file ``dump_preset`` wrote is its config exactly. Raises
     ``ConfigError`` naming the file and the field when it is missing or invalid."""
     path = Path(path)
     try:
@@ -625,11 +817,13 @@ def load_preset_file(path: str | Path) -> TrainConfig:
         raise ConfigError(f"preset file {path}: cannot be read: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"preset file {path}: not valid JSON/YAML: {err}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset file {path}: must hold a mapping of TrainConfig fields")
     try:
-        return TrainConfig.from_dict(data)
-    except (ConfigError, TypeError) as err:
+        return override(TrainConfig(), data)
+    except ConfigError as err:
         raise ConfigError(f"preset file {path}: {err}") from None
 
 
@@ -637,7 +831,11 @@ def load_preset_file(path: str | Path) -> TrainConfig:
 
 STORAGE_ENV = "GRANET_RAY_STORAGE"
 S3_OPTION_KEYS = ("endpoint_url", "key", "secret", "token")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Run and sweep names: one path component (``fullmatch``: no trailing newline slips through).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A sweep trial's Tune driver holds this many CPUs beside its Train workers (Tune refuses 0);
+# a sweep's default ``cpus_per_worker`` is 1 less this, so a trial of one worker fits one CPU.
+TRIAL_DRIVER_CPU = 0.01
 
 
 def default_storage_path() -> str:
@@ -683,6 +881,7 @@ class RunSettings:
     max_failures: int = 1
 
     def __post_init__(self) -> None:
+        _normalize(self)
         check(
             is_int(self.num_workers) and self.num_workers >= 1,
             "num_workers",
@@ -751,7 +950,8 @@ class RunSettings:
                 "None unless storage_path is s3://...",
             )
         check(
-            self.name is None or (isinstance(self.name, str) and bool(_NAME.match(self.name))),
+            self.name is None
+            or (isinstance(self.name, str) and bool(NAME_PATTERN.fullmatch(self.name))),
             "name",
             self.name,
             "None or letters, digits, '_', '.', '-' (no '/')",

@@ -204,9 +204,12 @@ def test_sweep_flags_replace_the_grid_files_fields() -> None:
         "--no-asha",
     )
     overrides = grid_overrides(args)
-    assert overrides["epochs"] == 4 and overrides["train"] == {"global_batch": 64}
-    assert overrides["grid"] == {"final_density": [0.1, 0.05]}
-    assert overrides["variants"] == {"gmp": {"method": "gmp"}, "rigl": {"method": "rigl"}}
+    assert overrides["train"] == {"epochs": 4, "global_batch": 64}
+    assert overrides["grid"] == {"granet.final_density": [0.1, 0.05]}
+    assert overrides["variants"] == {
+        "gmp": {"granet.method": "gmp"},
+        "rigl": {"granet.method": "rigl"},
+    }
     assert overrides["seeds"] == [0, 1] and overrides["asha"] is None
 
 

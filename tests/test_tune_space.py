@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = RunSettings(num_workers=1, cpus_per_worker=0.99, storage_path="/tmp/unused")
 SMALL = {
     "base": "mnist_demo",
-    "epochs": 2,
-    "train": {"train_size": 256, "global_batch": 32},
+    "train": {"epochs": 2, "train_size": 256, "global_batch": 32},
     "variants": {"granet-s2s": {"method": "granet", "init_density": 0.5}},
     "grid": {"final_density": [0.1], "update_interval": [2], "prune_window": [[0, 1]]},
     "seeds": [0],
@@ -37,10 +36,12 @@ SMALL = {
 
 
 def _with(**changes: object) -> dict:
-    """SMALL with top-level keys replaced; ``grid`` entries are merged into SMALL's grid."""
+    """SMALL with top-level keys replaced; ``grid`` and ``train`` entries are merged into
+    SMALL's."""
     data = {**SMALL, **changes}
-    if "grid" in changes:
-        data["grid"] = {**SMALL["grid"], **changes["grid"]}  # type: ignore[dict-item]
+    for key in ("grid", "train"):
+        if key in changes:
+            data[key] = {**SMALL[key], **changes[key]}  # type: ignore[dict-item]
     return data
 
 
@@ -79,7 +80,10 @@ def test_packaged_grids_expand_in_order_with_stable_names() -> None:
 
 def test_base_epochs_scale_the_schedule_and_fixed_fields_apply() -> None:
     space = load_space(
-        _with(epochs=4, train={"lr": 0.02, "granet": {"allocation": "uniform"}}, base="mnist_demo")
+        _with(
+            train={"epochs": 4, "lr": 0.02, "granet": {"allocation": "uniform"}},
+            base="mnist_demo",
+        )
     )
     assert space.base.epochs == 4 and space.base.lr_milestones == (3,)  # 6 of 8 epochs
     (point,) = expand(space)
@@ -92,7 +96,8 @@ def test_overrides_merge_grid_train_and_asha_and_replace_the_rest() -> None:
         "smoke",
         {"grid": {"final_density": [0.2]}, "seeds": [1, 2], "asha": {"grace_period": 2}},
     )
-    assert space.grid["final_density"] == [0.2] and space.grid["update_interval"] == [4]
+    grid = space.grid
+    assert grid["granet.final_density"] == [0.2] and grid["granet.update_interval"] == [4]
     assert space.seeds == (1, 2)
     assert space.asha is not None and (space.asha.grace_period, space.asha.reduction_factor) == (
         2,
@@ -118,7 +123,10 @@ def test_overrides_merge_grid_train_and_asha_and_replace_the_rest() -> None:
         (_with(variants={"x": {"methd": "gmp"}}), "unknown variants.x field(s) methd"),
         (_with(variants={"a/b": {"method": "gmp"}}), "variants='a/b' is invalid"),
         (_with(grid={"init_density": [0.5]}), "variants.granet-s2s and grid both set"),
-        (_with(grid={"lr": [0.1]}), "unknown grid field(s) lr"),
+        (_with(grid={"lr_x": [0.1]}), "unknown grid field(s) lr_x"),
+        (_with(grid={"epochs": [2]}), "grid.epochs=[2] is invalid"),
+        (_with(variants={"x": {"seed": 1}}), "variants.x.seed=1 is invalid"),
+        (_with(grid={"final_density": [0.1, 0.10000000001]}), "0.1 and 0.10000000001 both"),
         (_with(grid={"final_density": []}), "grid.final_density=[] is invalid"),
         (_with(grid={"final_density": [0.1, 0.1]}), "without duplicates"),
         (_with(grid={"final_density": 0.1}), "grid.final_density=0.1 is invalid"),
@@ -128,7 +136,7 @@ def test_overrides_merge_grid_train_and_asha_and_replace_the_rest() -> None:
         (_with(asha={"grace_period": 2}), "asha.grace_period=2 is invalid"),  # = epochs
         (_with(asha={"grace": 1}), "unknown asha field(s) grace"),
         (_with(base="nope"), "base='nope' is invalid"),
-        (_with(epochs=0), "epochs=0 is invalid"),
+        (_with(train={"epochs": 0}), "epochs=0 is invalid"),
         (_with(train={"seed": 3}), "train.seed=3 is invalid"),
         (_with(train={"global_batch": 0}), "global_batch=0 is invalid"),
         (_with(train={"batch_size": 32}), "unknown train field(s) batch_size"),
@@ -263,7 +271,8 @@ def test_flags_replace_the_grid_and_a_dry_run_lists_the_trials(
     flags += ["--prune-window", "0:1", "--seeds", "3", "--epochs", "2", "--no-asha"]
     space = load_space("smoke", grid_overrides(build_parser().parse_args(["sweep", *flags])))
     assert list(space.variants) == ["gmp", "set"] and space.asha is None
-    assert space.grid["final_density"] == [0.2, 0.1] and space.grid["prune_window"] == [[0, 1]]
+    grid = space.grid
+    assert grid["granet.final_density"] == [0.2, 0.1] and grid["granet.prune_window"] == [[0, 1]]
     assert space.seeds == (3,) and space.base.epochs == 2
     monkeypatch.setenv("COLUMNS", "160")
     assert _job(monkeypatch).main([*flags, "--dry-run"]) == 0

@@ -1,16 +1,19 @@
 """The search space of a sweep: a grid over the GraNet schedule, from a YAML/JSON grid file and
 flags, expanded into validated trial points before any trial starts. No Ray.
 
-A grid file (all keys optional except ``variants`` or ``grid.method``)::
+A grid file (all keys optional except ``variants`` or ``grid.method``); ``train``,
+``variants`` and ``grid`` speak the override language of ``granet_ray.config`` (``override``:
+dotted keys, short GraNet names, ``epochs`` / ``global_batch`` rescaling)::
 
     name: paper                 # label in the sweep's name (default: the file's stem)
     base: mnist_demo            # a preset name, or a preset file (relative to this file)
-    epochs: 4                   # scale the base's epoch schedule to this many epochs
-    train: {train_size: 4000}   # fixed TrainConfig fields (``granet``: fixed GraNet fields)
-    variants:                   # named method settings, each crossed with the grid
+    train:                      # fixed changes of the base, e.g.
+      epochs: 4                 #   scale the base's epoch schedule to this many epochs
+      train_size: 4000
+    variants:                   # named changes, each crossed with the grid
       granet-d2s: {method: granet, init_density: 1.0}
       rigl: {method: rigl}
-    grid:                       # lists of values; every combination is a trial
+    grid:                       # lists of values of any key; every combination is a trial
       final_density: [0.1, 0.05, 0.02]
       update_interval: [10]     # optimizer steps
       prune_window: [[0, 2]]    # (prune_start, prune_end) in epochs of the sweep's training
@@ -18,7 +21,7 @@ A grid file (all keys optional except ``variants`` or ``grid.method``)::
     seeds: [0, 1, 2]            # TrainConfig.seed and GraNetConfig.seed of every trial
     asha: {grace_period: 1, reduction_factor: 2}   # or null: no early stopping
 
-Trials are ordered by final density, then the other grid fields, then variant, then seed.
+Trials are ordered by final density, then the other grid keys, then variant, then seed.
 """
 
 from __future__ import annotations
@@ -38,37 +41,37 @@ import yaml
 
 from granet_ray.checks import preflight
 from granet_ray.config import (
+    NAME_PATTERN,
     PRESETS,
+    TRIAL_DRIVER_CPU,
     ConfigError,
-    GraNetConfig,
     RunSettings,
     TrainConfig,
     check_mapping,
     fail,
+    flatten,
     is_int,
     is_number,
     load_preset_file,
+    override,
     preset,
-    rescale,
 )
 
 GRID_DIR = Path(__file__).parent / "grids"
-FILE_KEYS = ("name", "base", "epochs", "train", "variants", "grid", "seeds", "asha")
+FILE_KEYS = ("name", "base", "train", "variants", "grid", "seeds", "asha")
 MERGED_KEYS = ("grid", "train", "asha")
-# Grid fields, with the short tag each contributes to a trial's name.
-SEARCH_FIELDS = {
-    "final_density": "df",
-    "init_density": "di",
-    "method": "m",
-    "update_interval": "dt",
-    "prune_window": "w",
-    "regrow_fraction": "p",
+# The short tag a grid key contributes to a trial's name (other keys: their field name).
+TAGS = {
+    "granet.final_density": "df",
+    "granet.init_density": "di",
+    "granet.method": "m",
+    "granet.update_interval": "dt",
+    "granet.prune_window": "w",
+    "granet.regrow_fraction": "p",
 }
-GRANET_FIELDS = tuple(f.name for f in dataclasses.fields(GraNetConfig))
-VARIANT_FIELDS = tuple(sorted(set(GRANET_FIELDS) - {"seed"} | {"prune_window"}))
-# CPUs the Tune trial itself holds while its TorchTrainer runs (Tune refuses 0).
-TRIAL_DRIVER_CPU = 0.01
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Keys a variant or a grid axis may not set: ``seeds`` sets the seeds, ``train.epochs`` the
+# length every trial shares (ASHA compares trials epoch by epoch).
+TRIAL_FIXED = ("seed", "granet.seed", "epochs")
 
 
 @dataclass(frozen=True)
@@ -130,11 +133,16 @@ def read_grid_file(source: str | Path) -> tuple[dict[str, Any], Path]:
 
 def merge(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``data`` with ``overrides`` applied: ``grid``, ``train`` and ``asha`` mappings are
-    merged field by field, every other key is replaced."""
+    merged key by key (``grid`` and ``train`` keys compared in their dotted form, so
+    ``final_density`` and ``granet.final_density`` are one key), every other key is
+    replaced."""
     merged = dict(data)
     for key, value in overrides.items():
-        if key in MERGED_KEYS and isinstance(merged.get(key), dict) and isinstance(value, dict):
-            merged[key] = {**merged[key], **value}
+        old = merged.get(key)
+        if key in MERGED_KEYS and isinstance(old, dict) and isinstance(value, dict):
+            if key != "asha":
+                old, value = flatten(old, key), flatten(value, key)
+            merged[key] = {**old, **value}
         else:
             merged[key] = value
     return merged
@@ -149,7 +157,7 @@ def parse_space(data: Mapping[str, Any], folder: Path = Path(".")) -> SweepSpace
             f"unknown grid key(s) {', '.join(unknown)}; known: {', '.join(FILE_KEYS)}"
         )
     label = data.get("name", "sweep")
-    if not (isinstance(label, str) and _LABEL.match(label)):
+    if not (isinstance(label, str) and NAME_PATTERN.fullmatch(label)):
         raise fail("name", label, "letters, digits, '_', '.', '-'")
     base = _base(data, folder)
     return SweepSpace(
@@ -182,20 +190,11 @@ def _base(data: Mapping[str, Any], folder: Path) -> TrainConfig:
         train = load_preset_file(folder / name)
     else:
         raise fail("base", name, f"a preset ({', '.join(PRESETS)}) or a preset file")
-    epochs = data.get("epochs")
-    if epochs is not None and not (is_int(epochs) and epochs > 0):
-        raise fail("epochs", epochs, "a positive integer")
-    fixed = data.get("train") or {}
-    fixed = check_mapping(fixed, (f.name for f in dataclasses.fields(TrainConfig)), "train")
-    for key in ("epochs", "seed"):
+    fixed = flatten(data.get("train") or {}, "train")
+    for key in ("seed", "granet.seed"):
         if key in fixed:
-            raise fail(f"train.{key}", fixed[key], f"set by the top-level key {key}(s)")
-    check_mapping(fixed.get("granet") or {}, GRANET_FIELDS, "train.granet")
-    if "lr_milestones" in fixed:
-        fixed["lr_milestones"] = tuple(fixed["lr_milestones"])
-    # the same meaning as --epochs / --global-batch: rescale first, explicit fields after
-    train = rescale(train, epochs=epochs, global_batch=fixed.pop("global_batch", None))
-    return train.replace(**fixed)
+            raise fail(f"train.{key}", fixed[key], "set by the top-level key seeds")
+    return override(train, fixed, "train")
 
 
 def _variants(variants: Any) -> dict[str, dict[str, Any]]:
@@ -203,28 +202,52 @@ def _variants(variants: Any) -> dict[str, dict[str, Any]]:
         return {}
     if not (isinstance(variants, dict) and variants):
         raise fail("variants", variants, "a non-empty mapping of name: {GraNet fields}")
+    result = {}
     for name, fields in variants.items():
-        if not (isinstance(name, str) and _LABEL.match(name)):
+        if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
             raise fail("variants", name, "names of letters, digits, '_', '.', '-'")
-        check_mapping(fields, VARIANT_FIELDS, f"variants.{name}")
-    return {name: dict(fields) for name, fields in variants.items()}
+        result[name] = _trial_keys(flatten(fields, f"variants.{name}"), f"variants.{name}")
+    return result
+
+
+def _trial_keys(changes: dict[str, Any], where: str) -> dict[str, Any]:
+    """``changes`` after checking it sets none of ``TRIAL_FIXED``."""
+    for key in TRIAL_FIXED:
+        if key in changes:
+            raise fail(f"{where}.{key}", changes[key], "set for the whole sweep (train, seeds)")
+    return changes
 
 
 def _grid(grid: Any, *, has_variants: bool) -> dict[str, list[Any]]:
-    grid = check_mapping(grid, SEARCH_FIELDS, "grid")
+    grid = _trial_keys(flatten(grid, "grid"), "grid")
     for name, values in grid.items():
         if not (isinstance(values, list) and values):
-            raise fail(f"grid.{name}", values, "a non-empty list of values")
+            raise fail(f"grid.{_short(name)}", values, "a non-empty list of values")
         keys = [json.dumps(v) for v in values]
         if len(set(keys)) != len(keys):
-            raise fail(f"grid.{name}", values, "a list without duplicates")
-    for window in grid.get("prune_window", []):
+            raise fail(f"grid.{_short(name)}", values, "a list without duplicates")
+        tags = [_tag(v) for v in values]
+        for i, tag in enumerate(tags):
+            if tag in tags[:i]:
+                raise fail(
+                    f"grid.{_short(name)}",
+                    values,
+                    f"values that differ in a trial's name: {values[tags.index(tag)]!r} and "
+                    f"{values[i]!r} both read {tag!r}",
+                )
+    for window in grid.get("granet.prune_window", []):
         if not (isinstance(window, list) and len(window) == 2 and all(map(is_number, window))):
             raise fail("grid.prune_window", window, "a list of [prune_start, prune_end] pairs")
-    if not has_variants and "method" not in grid:
+    if not has_variants and "granet.method" not in grid:
         raise ConfigError("the grid needs variants or grid.method: no method to train")
-    order = ["final_density"] + [f for f in SEARCH_FIELDS if f != "final_density"]
-    return {f: list(grid[f]) for f in order if f in grid}
+    first = "granet.final_density"
+    order = [first, *(k for k in TAGS if k != first), *(k for k in grid if k not in TAGS)]
+    return {k: list(grid[k]) for k in order if k in grid}
+
+
+def _short(key: str) -> str:
+    """A key as grid files usually spell it (``granet.`` dropped)."""
+    return key.removeprefix("granet.")
 
 
 def _seeds(seeds: Any) -> tuple[int, ...]:
@@ -257,13 +280,6 @@ def _tag(value: Any) -> str:
     return f"{value:g}" if is_number(value) else str(value)
 
 
-def _granet_fields(values: Mapping[str, Any]) -> dict[str, Any]:
-    fields = {k: v for k, v in values.items() if k != "prune_window"}
-    if "prune_window" in values:
-        fields["prune_start"], fields["prune_end"] = values["prune_window"]
-    return fields
-
-
 def expand(space: SweepSpace) -> list[TrialPoint]:
     """Every trial of ``space``, each with a validated ``TrainConfig``; a combination that
     makes an invalid config raises ``ConfigError`` naming the trial and the field."""
@@ -272,20 +288,21 @@ def expand(space: SweepSpace) -> list[TrialPoint]:
         both = sorted(set(fields) & set(space.grid))
         if both:
             raise ConfigError(
-                f"variants.{name} and grid both set {', '.join(both)}: set each field in one place"
+                f"variants.{name} and grid both set {', '.join(map(_short, both))}: set each "
+                "field in one place"
             )
     points = []
     for combo in itertools.product(*space.grid.values()):
         values = dict(zip(space.grid, combo, strict=True))
         for variant, fields in variants.items():
             parts = [variant] if variant else []
-            parts += [f"{SEARCH_FIELDS[k]}{_tag(v)}" for k, v in values.items()]
+            parts += [f"{TAGS.get(k, _short(k))}{_tag(v)}" for k, v in values.items()]
             group = "_".join(parts)
             for seed in space.seeds:
                 name = f"{group}_s{seed}"
-                granet = {**_granet_fields({**fields, **values}), "seed": seed}
+                changes = {**fields, **values, "seed": seed, "granet.seed": seed}
                 try:
-                    train = space.base.replace(seed=seed, granet=granet)
+                    train = override(space.base, changes)
                 except ConfigError as err:
                     raise ConfigError(f"trial {name}: {err}") from None
                 label = variant or train.granet.method
