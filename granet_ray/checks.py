@@ -1,18 +1,15 @@
-"""Preflight: everything a run would trip over that this process can see, tried before any
-Ray worker starts, with the run's own builders (datasets, model, step plan, GraNet engine)
-and a probe of its storage. A bad flag fails at once with one line naming the field.
+"""Checks before a run: everything it would trip over that this process can see, tried before
+any Ray worker starts, with the run's own builders (datasets, model, step plan, GraNet engine),
+and a probe of its storage. A bad value fails at once with one line naming the field. Each
+check runs once per ``fit`` or sweep: their callers pass the results down.
 """
 
 from __future__ import annotations
 
-import functools
-
-import torch
-
 from granet_ray.config import ConfigError, RunSettings, TrainConfig
-from granet_ray.data import DATASET_NAMES, DataBundle, build_datasets
+from granet_ray.data import DATASET_NAMES
 from granet_ray.models import MODEL_NAMES, build_model
-from granet_ray.recipe import Plan, build_optimizer, plan_run
+from granet_ray.recipe import Plan, build_optimizer, check_model_input, load_data, plan_run
 from granet_ray.sparsity import GraNet
 from granet_ray.store import open_storage
 
@@ -21,11 +18,9 @@ WORKER_ONLY_DATA = ("imagenet",)
 NEEDS_ROOT = ("cifar10", "imagenet")
 
 
-@functools.lru_cache(maxsize=16)
-def preflight(train: TrainConfig, num_workers: int, use_gpu: bool = False) -> Plan | None:
-    """Raise ``ConfigError`` naming the field if ``train`` cannot run on ``num_workers``
-    workers; returns the step plan (None for data only the workers can read). Successful
-    checks are remembered, so checking again costs nothing."""
+def check_request(train: TrainConfig, num_workers: int, use_gpu: bool = False) -> None:
+    """The checks that build nothing: names of model and dataset, a data folder where one
+    is needed, options that need GPU workers. Raises ``ConfigError`` naming the field."""
     if train.model not in MODEL_NAMES:
         raise ConfigError(f"model={train.model!r} is invalid: must be one of {MODEL_NAMES}")
     if train.dataset not in DATASET_NAMES:
@@ -40,31 +35,20 @@ def preflight(train: TrainConfig, num_workers: int, use_gpu: bool = False) -> Pl
             "sync_bn=True is invalid: SyncBatchNorm runs on CUDA workers only "
             "(--gpus-per-worker > 0)"
         )
+
+
+def preflight(train: TrainConfig, num_workers: int, use_gpu: bool = False) -> Plan | None:
+    """Raise ``ConfigError`` naming the field if ``train`` cannot run on ``num_workers``
+    workers: ``check_request``, then the real datasets, model, step plan and engine built
+    here once. Returns the step plan (None for data only the workers can read). For a
+    process that goes on to train itself, ``check_request`` and ``recipe.build_run`` do
+    the same checks without building anything twice."""
+    check_request(train, num_workers, use_gpu)
     if train.dataset in WORKER_ONLY_DATA:
         return None
-    try:
-        data = build_datasets(
-            train.dataset, train.data_root, train_size=train.train_size, seed=train.seed
-        )
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        raise ConfigError(str(err)) from None  # the data builders name the field
-    return _check_model(train, num_workers, data)
-
-
-def _check_model(train: TrainConfig, num_workers: int, data: DataBundle) -> Plan:
-    """The model accepts the dataset's images, the global batch feeds every worker, and the
-    engine's schedule holds at the real number of steps per epoch."""
+    data = load_data(train)
     model = build_model(train.model, num_classes=data.num_classes)
-    model.eval()
-    images = torch.stack([data.test[i][0] for i in range(min(2, len(data.test)))])
-    try:
-        with torch.no_grad():
-            model(images)
-    except RuntimeError as err:
-        raise ConfigError(
-            f"model={train.model!r} does not accept dataset={train.dataset!r} images of shape "
-            f"{tuple(data.input_shape)}: {str(err).splitlines()[0]}"
-        ) from None
+    check_model_input(model, data, train)
     plan = plan_run(train, len(data.train), num_workers)  # type: ignore[arg-type]
     GraNet(
         model,
@@ -76,7 +60,7 @@ def _check_model(train: TrainConfig, num_workers: int, data: DataBundle) -> Plan
     return plan
 
 
-def check_storage(run: RunSettings) -> None:
+def check_storage(settings: RunSettings) -> None:
     """The run's storage is reachable, accepts its credentials and is writable (a small
     probe object written and deleted); raises the store's ``StorageError`` kinds."""
-    open_storage(run.storage_path, run.storage_options).probe()
+    open_storage(settings.storage_path, settings.storage_options).probe()

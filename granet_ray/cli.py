@@ -412,9 +412,9 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
     train, changed = recipe(args)
     run = run_settings(args)
-    _print_recipe(console, train, changed, args.preset_file or args.preset or "mnist_demo")
+    _print_recipe(console, train, changed, base_config(args)[1])
     outcome = fit_local(
-        train, run, device=args.device, progress=not args.no_progress, console=console
+        train, run, device=device(args.device), progress=not args.no_progress, console=console
     )
     if args.evaluate_checkpoint:
         _evaluate(console, outcome.checkpoint_uri, train, run)
@@ -422,21 +422,36 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_fit(args: argparse.Namespace, console: Console) -> int:
-    """A run on Ray Train workers: every check first, then Ray."""
-    from granet_ray.checks import check_storage, preflight
+    """A run on Ray Train workers (``fit`` checks everything before it contacts Ray)."""
+    from granet_ray.train import fit
 
     train, changed = recipe(args)
     run = run_settings(args)
-    preflight(train, run.num_workers, run.use_gpu)
-    check_storage(run)
-    _print_recipe(console, train, changed, args.preset_file or args.preset or "mnist_demo")
-    from granet_ray.train import connect, fit
-
-    connect(args.address)
-    outcome = fit(train, run, progress=not args.no_progress, console=console)
+    _print_recipe(console, train, changed, base_config(args)[1])
+    outcome = fit(train, run, address=args.address, progress=not args.no_progress, console=console)
     if args.evaluate_checkpoint:
         _evaluate(console, outcome.checkpoint_uri, train, run)
     return 0
+
+
+def device(name: str | None) -> Any:
+    """The ``torch.device`` of ``--device`` (None: CUDA if available); ``ConfigError`` for
+    a name torch does not know or a CUDA device this machine does not have."""
+    import torch
+
+    if name is None:
+        return None
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is invalid: must be cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and (
+        not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(f"device={name!r} is invalid: this machine has no such CUDA device")
+    if chosen.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r} is invalid: must be cpu, cuda or cuda:N")
+    return chosen
 
 
 def _evaluate(console: Console, uri: str, train: TrainConfig, run: RunSettings) -> None:
@@ -451,34 +466,34 @@ def _evaluate(console: Console, uri: str, train: TrainConfig, run: RunSettings) 
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
-    """A Ray Tune sweep; ``--dry-run`` lists the trials and starts nothing."""
-    from granet_ray.checks import check_storage
-    from granet_ray.tune.results import TrialRow
-    from granet_ray.tune.space import load_space, settle_asha, sweep_name, validate
-    from granet_ray.ui.tables import trials_table
+    """A Ray Tune sweep; ``--dry-run`` lists the trials and starts nothing (``sweep`` checks
+    every trial and the storage before it contacts Ray)."""
+    from granet_ray.tune.space import load_space
 
     space = load_space(args.grid, grid_overrides(args))
     run = run_settings(args, sweep=True)
-    points = validate(space, run)  # every trial, before Ray is contacted
-    space, note = settle_asha(space, points)
     if args.dry_run:
+        from granet_ray.tune.results import TrialRow
+        from granet_ray.tune.space import settle_asha, sweep_name, validate
+        from granet_ray.tune.tables import trials_table
+
+        points = validate(space, run)
+        space, note = settle_asha(space, points)
         if note:
             console.print(f"[yellow]{note}[/]", highlight=False)
         rows = [TrialRow(p.name, p.group, p.variant, p.seed, p.train, "planned") for p in points]
         name = run.name or sweep_name(space, points, run)
         console.print(trials_table(rows, title=f"sweep {name}: {len(rows)} trials (dry run)"))
         return 0
-    check_storage(run)
-    from granet_ray.train import connect
     from granet_ray.tune import sweep
 
-    connect(args.address, dashboard=True)
     outcome = sweep(
         space,
         run,
         max_concurrent=args.max_concurrent,
         progress=not args.no_progress,
         console=console,
+        address=args.address,
     )
     return 0 if outcome.complete else 1
 

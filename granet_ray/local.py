@@ -7,31 +7,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from rich.console import Console
 from torch import nn
 
-from granet_ray.checks import check_storage, preflight
-from granet_ray.config import RunSettings, TrainConfig, run_name
+from granet_ray.checks import check_request, check_storage
+from granet_ray.config import RunSettings, TrainConfig
 from granet_ray.distributed import DistributedSync, is_initialized
-from granet_ray.outcome import FitOutcome, finish
-from granet_ray.recipe import (
-    HookChain,
-    Hooks,
-    Position,
-    ProgressHooks,
-    Run,
-    build_run,
-    run_epochs,
-    start_event,
-)
-from granet_ray.resume import checkpoint_name, restore, rng_state, save_checkpoint
-from granet_ray.store import latest_checkpoint
+from granet_ray.outcome import FitOutcome
+from granet_ray.recipe import Hooks, build_run
+from granet_ray.session import FolderCheckpoints, conclude, named, train_session
 from granet_ray.ui import console as default_console
 from granet_ray.ui.progress import RunView
-from granet_ray.ui.tables import layer_table, outcome_table
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -48,46 +36,41 @@ def default_loader_workers(device: torch.device) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-class CheckpointHooks(Hooks):
-    """Writes the due checkpoints of a run in this process into its folder."""
-
-    def __init__(self, settings: RunSettings) -> None:
-        self.settings = settings
-        self.last: str | None = None
-
-    def save(self, run: Run, position: Position) -> None:
-        uri = f"{self.settings.run_uri}/{checkpoint_name(position, run.plan.steps_per_epoch)}"
-        options = self.settings.storage_options
-        self.last = save_checkpoint(run, position, uri, [rng_state()], options)
-
-    def on_checkpoint(self, run: Run, position: Position) -> None:
-        self.save(run, position)
-
-    def on_epoch(
-        self, run: Run, metrics: dict[str, Any], position: Position, checkpoint: bool
-    ) -> None:
-        if checkpoint:
-            self.save(run, position)
-
-
 def fit_local(
     train: TrainConfig,
     settings: RunSettings,
     *,
     device: str | torch.device | None = None,
     progress: bool = True,
+    summary: bool = True,
     console: Console | None = None,
     hooks: Sequence[Hooks] = (),
     loader_workers: int | None = None,
 ) -> FitOutcome:
-    """Train ``train`` in this process on ``device`` (default: CUDA if available), writing
-    checkpoints into ``settings``' run folder (resuming from the newest one there), and
-    return the outcome. ``settings.num_workers`` is ignored; ``hooks`` are extra hooks;
-    ``loader_workers``: data-loader processes (None: ``default_loader_workers``)."""
+    """Train ``train`` in this process, writing checkpoints into ``settings``' run folder
+    (resuming from the newest one there), and return the outcome.
+
+    Args:
+        train: the recipe.
+        settings: where the run's folder is (``num_workers`` is ignored: one process).
+        device: ``cpu``, ``cuda``, ``cuda:1``... (default: CUDA if available).
+        progress: show the live display on ``console``.
+        summary: print the final per-layer and outcome tables on ``console``.
+        console: where to print (default: stdout, wide when it is a pipe).
+        hooks: extra ``recipe.Hooks`` (e.g. fault injection in tests).
+        loader_workers: data-loader processes (None: ``default_loader_workers``).
+
+    Returns:
+        The ``FitOutcome`` of the newest checkpoint of the run.
+
+    Raises:
+        ConfigError: a value that cannot work, naming the field (before training).
+        StorageError: the storage cannot be reached or written (before training).
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    preflight(train, 1, device.type == "cuda")
+    check_request(train, 1, device.type == "cuda")
     check_storage(settings)
-    settings = settings.replace(name=settings.name or run_name(train))
+    settings = named(settings, train)
     console = console or default_console()
     distributed = is_initialized()
     run = build_run(
@@ -97,23 +80,8 @@ def fit_local(
         sync=DistributedSync() if distributed else None,
         loader_workers=default_loader_workers(device) if loader_workers is None else loader_workers,
     )
-    resume = latest_checkpoint(settings.run_uri, storage_options=settings.storage_options)
-    position = Position()
-    if resume is not None:
-        position = restore(run, resume, settings.storage_options).position
-    checkpoints = CheckpointHooks(settings)
     with RunView(console, enabled=progress) as view:
-        view.show(start_event(run, position, resume))
-        chain = HookChain([ProgressHooks(view.show), checkpoints, *hooks])
-        run_epochs(
-            run,
-            chain,
-            start=position,
-            checkpoint_every=settings.checkpoint_every,
-            checkpoint_every_steps=settings.checkpoint_every_steps,
+        train_session(
+            run, settings, checkpoints=FolderCheckpoints(settings), send=view.show, hooks=hooks
         )
-    outcome = finish(train, settings, checkpoints.last or resume or "")
-    if progress:
-        console.print(layer_table(outcome.summary, title=f"{train.model}: final sparse model"))
-        console.print(outcome_table(outcome))
-    return outcome
+    return conclude(train, settings, console=console, summary=summary)

@@ -37,6 +37,7 @@ from granet_ray.data.sharding import (
     steps_per_epoch,
 )
 from granet_ray.distributed import SparseAllReduce, register_sparse_allreduce, sum_across_workers
+from granet_ray.events import EpochEnded, EpochMetrics, Event, Started, Stepped
 from granet_ray.models import build_model
 from granet_ray.sparsity import GraNet, MaskSync, unwrap
 
@@ -160,6 +161,36 @@ def plan_run(train: TrainConfig, train_size: int, num_workers: int) -> Plan:
 
 # ---- building a run -------------------------------------------------------------------------
 
+
+def load_data(train: TrainConfig) -> DataBundle:
+    """The datasets of ``train``; a missing or unreadable dataset raises ``ConfigError`` with
+    the data builder's message (which names the field)."""
+    try:
+        return build_datasets(
+            train.dataset, train.data_root, train_size=train.train_size, seed=train.seed
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_model_input(model: nn.Module, data: DataBundle, train: TrainConfig) -> None:
+    """``ConfigError`` unless ``model`` (on the CPU, just built) takes two of the dataset's
+    test images: a model and dataset that do not fit fail here, naming both, instead of in
+    the first training step. The model stays in its mode; no gradient, no state changes."""
+    images = torch.stack([data.test[i][0] for i in range(min(2, len(data.test)))])
+    mode = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(images)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"model={train.model!r} does not accept dataset={train.dataset!r} images of shape "
+            f"{tuple(data.input_shape)}: {str(err).splitlines()[0]}"
+        ) from None
+    finally:
+        model.train(mode)
+
 Wrap = Callable[[nn.Module], nn.Module]
 
 
@@ -244,11 +275,10 @@ def build_run(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if data is None:
-        data = build_datasets(
-            train.dataset, train.data_root, train_size=train.train_size, seed=train.seed
-        )
+        data = load_data(train)
     plan = plan_run(train, len(data.train), world)  # type: ignore[arg-type]
     net = build_model(train.model, num_classes=data.num_classes)
+    check_model_input(net, data, train)
     if train.sync_bn and world > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = net.to(device)
@@ -467,7 +497,7 @@ class Position:
     epoch: int = 0
     step_in_epoch: int = 0
     totals: Totals = field(default_factory=lambda: Totals(0.0, 0, 0))
-    epochs: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[EpochMetrics] = field(default_factory=list)
 
 
 class Hooks:
@@ -480,7 +510,7 @@ class Hooks:
         """Mid-epoch, every ``checkpoint_every_steps`` global steps (all workers call it)."""
 
     def on_epoch(
-        self, run: Run, metrics: dict[str, Any], position: Position, checkpoint: bool
+        self, run: Run, metrics: EpochMetrics, position: Position, checkpoint: bool
     ) -> None:
         """After every epoch's evaluation (all workers call it); ``checkpoint``: one is due."""
 
@@ -500,33 +530,32 @@ class HookChain(Hooks):
             hook.on_checkpoint(run, position)
 
     def on_epoch(
-        self, run: Run, metrics: dict[str, Any], position: Position, checkpoint: bool
+        self, run: Run, metrics: EpochMetrics, position: Position, checkpoint: bool
     ) -> None:
         for hook in self.hooks:
             hook.on_epoch(run, metrics, position, checkpoint)
 
 
-def start_event(run: Run, position: Position, checkpoint: str | None) -> dict[str, Any]:
+def start_event(run: Run, position: Position, checkpoint: str | None) -> Started:
     """The progress event of a run (re)starting at ``position`` (from ``checkpoint``)."""
-    return {
-        "kind": "start",
-        "epoch": position.epoch,
-        "epochs": run.train.epochs,
-        "step": run.engine.step_count,
-        "steps_per_epoch": run.plan.steps_per_epoch,
-        "total_steps": run.plan.total_steps,
-        "global_batch": run.plan.global_batch,
-        "world_size": run.world,
-        "checkpoint": checkpoint,
-    }
+    return Started(
+        epoch=position.epoch,
+        epochs=run.train.epochs,
+        step=run.engine.step_count,
+        steps_per_epoch=run.plan.steps_per_epoch,
+        total_steps=run.plan.total_steps,
+        global_batch=run.plan.global_batch,
+        world_size=run.world,
+        checkpoint=checkpoint,
+    )
 
 
 class ProgressHooks(Hooks):
-    """Sends ``step`` events (at most one per ``interval`` seconds, always at a mask update
-    and an epoch's last step: reading the loss off the device is a host sync) and ``epoch``
-    events to ``send``."""
+    """Sends ``Stepped`` events (at most one per ``interval`` seconds, always at a mask
+    update and an epoch's last step: reading the loss off the device is a host sync) and
+    ``EpochEnded`` events to ``send``."""
 
-    def __init__(self, send: Callable[[dict[str, Any]], None], interval: float = 0.5) -> None:
+    def __init__(self, send: Callable[[Event], None], interval: float = 0.5) -> None:
         self.send = send
         self.interval = interval
         self._last = -interval
@@ -538,30 +567,29 @@ class ProgressHooks(Hooks):
             return
         self._last = now
         self.send(
-            {
-                "kind": "step",
-                "epoch": info.epoch + 1,
-                "step": info.step,
-                "loss": float(info.loss),
-                "density": run.engine.density(),
-                "next_update": run.engine.next_update_step(),
-            }
+            Stepped(
+                epoch=info.epoch + 1,
+                step=info.step,
+                loss=float(info.loss),
+                density=run.engine.density(),
+                next_update=run.engine.next_update_step(),
+            )
         )
 
     def on_epoch(
-        self, run: Run, metrics: dict[str, Any], position: Position, checkpoint: bool
+        self, run: Run, metrics: EpochMetrics, position: Position, checkpoint: bool
     ) -> None:
-        self.send({"kind": "epoch", **metrics})
+        self.send(EpochEnded(metrics))
 
 
 def epoch_metrics(
     run: Run, epoch: int, fit: Totals, val: Totals, samples_per_second: float
-) -> dict[str, Any]:
+) -> EpochMetrics:
     """What every epoch reports (``fit`` and ``val`` summed over all workers; ``epoch``
     1-based, counting completed epochs)."""
     engine = run.engine
     next_update = engine.next_update_step()
-    return {
+    return {  # the names of EpochMetrics (granet_ray.events), in its order
         "epoch": epoch,
         "step": engine.step_count,
         "train_loss": fit.loss,

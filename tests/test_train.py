@@ -17,13 +17,12 @@ from ray.util.queue import Queue
 from rich.console import Console
 
 from granet_ray.config import ConfigError, RunSettings, preset
+from granet_ray.events import Started, Stepped
 from granet_ray.outcome import FitOutcome, evaluate_checkpoint
 from granet_ray.store import SparseCheckpoint, latest_checkpoint, list_checkpoints, load_sparse
 from granet_ray.testing.hooks import CrashAt
 from granet_ray.testing.seaweedfs import SeaweedFS
 from granet_ray.train import build_trainer, fit
-
-pytestmark = pytest.mark.ray
 
 # 512 samples / global batch 64 (32 per worker) = 8 global steps per epoch, 24 in all;
 # pruning every 2 steps until step 16, regrowth every 2 steps until step 22.
@@ -52,7 +51,6 @@ def reference(ray_session: None, seaweedfs: SeaweedFS) -> tuple[FitOutcome, str]
     return outcome, out.getvalue()
 
 
-@pytest.mark.s3
 def test_fit_reports_trains_and_checkpoints_to_s3(
     reference: tuple[FitOutcome, str], seaweedfs: SeaweedFS
 ) -> None:
@@ -142,7 +140,7 @@ def test_crashed_worker_resumes_to_the_same_result(
     finally:
         queue.shutdown()
     assert marker.exists()  # the crash happened
-    starts = [(e["epoch"], e["step"]) for e in events if e["kind"] == "start"]
+    starts = [(e.epoch, e.step) for e in events if isinstance(e, Started)]
     assert starts == [(0, 0), (1, 8)]  # started, then resumed from the epoch-1 checkpoint
     assert result.checkpoint.path == str(tmp_path / "crash" / "checkpoint_epoch_0003")
     crashed = load_sparse(result.checkpoint.path)
@@ -157,11 +155,11 @@ def _without_timing(epochs: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k != "samples_per_second"} for e in epochs]
 
 
-def test_build_trainer_checks_before_ray_is_needed() -> None:
+def test_fit_checks_before_ray_is_needed() -> None:
     with pytest.raises(ConfigError, match="epochs=0 is invalid"):
-        build_trainer(preset("mnist_demo").replace(epochs=0), RunSettings())
+        fit(preset("mnist_demo").replace(epochs=0), RunSettings())
     with pytest.raises(ConfigError, match="data_root"):
-        build_trainer(preset("imagenet_resnet50"), RunSettings())
+        fit(preset("imagenet_resnet50"), RunSettings())
 
 
 def test_a_lost_progress_queue_never_fails_the_run(capsys: pytest.CaptureFixture[str]) -> None:
@@ -181,6 +179,6 @@ def test_a_lost_progress_queue_never_fails_the_run(capsys: pytest.CaptureFixture
     queue = GoneQueue()
     send = QueueSender(queue)  # type: ignore[arg-type]
     for step in range(3):
-        send({"kind": "step", "step": step})
+        send(Stepped(epoch=1, step=step, loss=1.0, density=1.0, next_update=None))
     assert queue.calls == 1 and send.lost
     assert capsys.readouterr().out.count("no longer sent to the driver") == 1

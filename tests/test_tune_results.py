@@ -22,7 +22,7 @@ from granet_ray.tune.results import (
     summary_markdown,
     trials_csv,
 )
-from granet_ray.ui.tables import groups_table, trials_table
+from granet_ray.tune.tables import groups_table, trials_table
 
 BASE = preset("mnist_demo").replace(epochs=3, lr_milestones=(2,), granet={"prune_end": 1.5})
 

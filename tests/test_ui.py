@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from dataclasses import replace
 
 from rich.console import Console
 
+from granet_ray.events import EpochEnded, Resized, Started, Stepped
 from granet_ray.ui.plots import pareto_plot, training_plot
 from granet_ray.ui.progress import RunView, epoch_line, step_status
 from granet_ray.ui.tables import layer_table
@@ -37,34 +39,24 @@ def test_epoch_line_and_step_status() -> None:
 
 def test_run_view_draws_every_kind_of_event() -> None:
     out = io.StringIO()
-    start = {
-        "kind": "start",
-        "epoch": 0,
-        "epochs": 3,
-        "step": 0,
-        "steps_per_epoch": 8,
-        "total_steps": 24,
-        "global_batch": 32,
-        "world_size": 2,
-        "checkpoint": None,
-    }
+    start = Started(
+        epoch=0,
+        epochs=3,
+        step=0,
+        steps_per_epoch=8,
+        total_steps=24,
+        global_batch=32,
+        world_size=2,
+        checkpoint=None,
+    )
     with RunView(Console(file=out, width=200)) as view:
+        assert not view.started
         view.show(start)
-        view.show(
-            {"kind": "step", "epoch": 1, "step": 3, "loss": 1.0, "density": 0.5, "next_update": 4}
-        )
-        view.show({"kind": "epoch", **METRICS})
-        view.show({**start, "epoch": 1, "step": 8, "world_size": 1, "checkpoint": "/r/ck[1]"})
-        view.show(
-            {
-                "kind": "resize",
-                "step": 8,
-                "old_size": 2,
-                "new_size": 1,
-                "checkpoint": "/r/ck",
-                "seconds_lost": 12.3,
-            }
-        )
+        assert view.started
+        view.show(Stepped(epoch=1, step=3, loss=1.0, density=0.5, next_update=4))
+        view.show(EpochEnded(METRICS))
+        view.show(replace(start, epoch=1, step=8, world_size=1, checkpoint="/r/ck[1]"))
+        view.show(Resized(step=8, old_size=2, new_size=1, checkpoint="/r/ck", seconds_lost=12.3))
     shown = out.getvalue()
     assert "training on 2 worker(s): 3 epochs of 8 steps of 32 samples" in shown
     assert "epoch   2 step      64" in shown

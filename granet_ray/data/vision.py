@@ -37,7 +37,8 @@ def build_cifar10(root: Path, download: bool, train_size: int | None, seed: int)
     if missing and not download:
         raise FileNotFoundError(
             f"dataset 'cifar10': expected the python CIFAR-10 batches in {folder} "
-            f"(missing: {', '.join(missing)}); pass download=True (--download) to fetch them"
+            f"(missing: {', '.join(missing)}); fetch them once where there is internet with "
+            "torchvision.datasets.CIFAR10(ROOT, download=True) and pass --data-root ROOT"
         )
     normalize = transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
     train_tf = transforms.Compose(

@@ -1,11 +1,17 @@
-"""The driver side of a Ray Train run: connect to Ray, build the ``TorchTrainer``, fit it
-with a live display, and collect what the run left behind (``granet_ray.outcome``)."""
+"""The driver side of a Ray Train run: connect to Ray, check that the cluster can ever hold
+the run, build the ``TorchTrainer``, fit it with a live display (Ctrl-C stops it within
+seconds, leaving its checkpoints), and collect what the run left behind
+(``granet_ray.session.conclude``)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import socket
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -16,15 +22,19 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 from granet_ray.checks import check_storage, preflight
-from granet_ray.config import ConfigError, RunSettings, TrainConfig, run_name
-from granet_ray.outcome import FitOutcome, finish
+from granet_ray.config import ConfigError, RunSettings, TrainConfig
+from granet_ray.outcome import FitOutcome
 from granet_ray.recipe import Hooks
+from granet_ray.session import conclude, named
 from granet_ray.store import CheckpointError, open_storage
 from granet_ray.train.progress import QueueDrain
 from granet_ray.train.worker import train_loop_per_worker
 from granet_ray.ui import console as default_console
 from granet_ray.ui.progress import RunView
-from granet_ray.ui.tables import layer_table, outcome_table
+
+# Whether this driver started the Ray instance it is connected to (``connect``): a private
+# local instance has the CPUs and GPUs it will ever have, so a request it cannot hold fails.
+_PRIVATE = {"local": False}
 
 
 def connect(address: str | None = None, *, dashboard: bool = False) -> None:
@@ -45,6 +55,7 @@ def connect(address: str | None = None, *, dashboard: bool = False) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _PRIVATE["local"] = True
     if not dashboard:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         return
@@ -82,9 +93,9 @@ def build_trainer(
     callbacks: Ray Train ``UserCallback``s for ``RunConfig``. progress_queue: a
     ``ray.util.queue.Queue`` that worker rank 0 sends live events to. hooks: extra
     (picklable) ``recipe.Hooks`` every worker runs, e.g. ``granet_ray.testing.hooks.CrashAt``.
+    Checks nothing itself: ``fit`` and ``sweep`` check a run once before they build it.
     """
-    preflight(train, run.num_workers, run.use_gpu)
-    run = run.replace(name=run.name or run_name(train))
+    run = named(run, train)
     config: dict[str, Any] = {"train": train.to_dict(), "run": run.to_dict()}
     if progress_queue is not None:
         config["progress"] = progress_queue
@@ -119,53 +130,133 @@ def build_trainer(
     )
 
 
+def worker_resources(settings: RunSettings) -> dict[str, float]:
+    """What one Train worker of ``settings`` asks Ray for."""
+    need = {"CPU": float(settings.cpus_per_worker)}
+    if settings.use_gpu:
+        need["GPU"] = float(settings.gpus_per_worker)
+    return need
+
+
+def capacity_shortfall(settings: RunSettings, cluster: Mapping[str, float]) -> str | None:
+    """Why ``cluster`` (total resources, ``ray.cluster_resources()``) can never start the
+    fewest workers ``settings`` accepts, or None when it can."""
+    need = worker_resources(settings)
+    fewest = settings.min_workers or settings.num_workers
+    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items())
+    if fits >= fewest:
+        return None
+    wanted = ", ".join(f"{fewest * v:g} {k}" for k, v in need.items())
+    have = ", ".join(f"{cluster.get(k, 0.0):g} {k}" for k in need)
+    return (
+        f"num_workers={settings.num_workers} is invalid: {fewest} worker(s) need {wanted} "
+        f"(workers x cpus_per_worker / gpus_per_worker) and this Ray instance has {have} in "
+        "all; lower --num-workers, --cpus-per-worker or --gpus-per-worker"
+    )
+
+
+def waiting_for(settings: RunSettings) -> str:
+    """The display's status while the worker group waits for capacity on a cluster."""
+    need = worker_resources(settings)
+    fewest = settings.min_workers or settings.num_workers
+    free = ray.available_resources()
+    wanted = " + ".join(f"{v:g} {k}" for k, v in need.items())
+    have = ", ".join(f"{free.get(k, 0.0):g} {k}" for k in need)
+    return f"waiting for {fewest} worker(s) of {wanted} ({have} free now)"
+
+
 def fit(
     train: TrainConfig,
     run: RunSettings,
     *,
+    address: str | None = None,
     progress: bool = True,
+    summary: bool = True,
     console: Console | None = None,
     hooks: Sequence[Hooks] = (),
 ) -> FitOutcome:
-    """Train ``train`` on Ray as ``run`` says and return what it produced. With ``progress``
-    the driver shows a live display and a final summary on ``console`` (default: stdout,
-    wide when it is a pipe). A configuration or checkpoint error, on the driver or in a
-    worker, raises itself; other worker failures raise Ray's ``TrainingFailedError``."""
+    """Train ``train`` on Ray Train workers as ``run`` says and return what it produced.
+
+    The run is checked once before Ray is contacted (configuration against the real data,
+    model and schedule; the storage reachable and writable); a private local Ray that can
+    never hold the workers fails at once. The run resumes from the newest checkpoint of its
+    folder when ``run.name`` names an existing run.
+
+    Args:
+        train: the recipe.
+        run: workers, resources, storage, name, checkpoints and failures.
+        address: the Ray cluster (default: ``$RAY_ADDRESS``, else a private local Ray).
+        progress: show the live display on ``console``.
+        summary: print the final per-layer and outcome tables on ``console``.
+        console: where to print (default: stdout, wide when it is a pipe).
+        hooks: extra picklable ``recipe.Hooks`` every worker runs.
+
+    Returns:
+        The ``FitOutcome`` of the run's newest committed checkpoint.
+
+    Raises:
+        ConfigError: a bad value, on the driver or in a worker, naming the field.
+        CheckpointError: a storage or checkpoint problem, naming the URI.
+        KeyboardInterrupt: Ctrl-C; the workers are stopped, the checkpoints stay.
+        ray.train.TrainingFailedError: other worker failures beyond ``run.max_failures``.
+    """
     preflight(train, run.num_workers, run.use_gpu)
     check_storage(run)
-    run = run.replace(name=run.name or run_name(train))
+    run = named(run, train)
+    connect(address)
+    if _PRIVATE["local"]:
+        problem = capacity_shortfall(run, ray.cluster_resources())
+        if problem:
+            raise ConfigError(problem)
     console = console or default_console()
     queue = progress_queue() if progress else None
     try:
         trainer = build_trainer(train, run, progress_queue=queue, hooks=hooks)
         with RunView(console, enabled=progress) as view:
-            if queue is None:
-                result = _fit(trainer)
-            else:
-                with QueueDrain(queue, view):
-                    result = _fit(trainer)
+            drain = QueueDrain(queue, view) if queue is not None else contextlib.nullcontext()
+            with drain:
+                _fit(trainer, view, run)
     finally:
-        if queue is not None:
+        if queue is not None and ray.is_initialized():
             queue.shutdown()
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {run.name} finished without a checkpoint")
-    storage = open_storage(run.storage_path, run.storage_options)
-    outcome = finish(train, run, storage.uri_of(result.checkpoint.path))
-    if progress:
-        console.print(layer_table(outcome.summary, title=f"{train.model}: final sparse model"))
-        console.print(outcome_table(outcome))
-    return outcome
+    return conclude(train, run, console=console, summary=summary)
 
 
-def _fit(trainer: TorchTrainer) -> ray.train.Result:
-    """``trainer.fit()``, re-raising a worker's configuration or checkpoint error as itself."""
+def _fit(trainer: TorchTrainer, view: RunView, settings: RunSettings) -> None:
+    """``trainer.fit()`` in a thread while this one shows what the run waits for and stays
+    responsive to Ctrl-C: an interrupt stops the worker group (and a private local Ray)
+    within seconds. A worker's configuration or checkpoint error is raised as itself."""
+    outcome: dict[str, BaseException | None] = {"error": None}
+
+    def target() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # handed to the main thread, raised there
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="granet-fit", daemon=True)
+    began = time.monotonic()
+    thread.start()
     try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        for failure in getattr(err, "worker_failures", {}).values():
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            if not view.started and time.monotonic() - began > 5:
+                view.update(status=waiting_for(settings))
+    except KeyboardInterrupt:
+        view.print(
+            f"[yellow]interrupted: stopping the workers; the run's checkpoints stay in "
+            f"{settings.run_uri}[/]"
+        )
+        ray.shutdown()
+        raise
+    error = outcome["error"]
+    if error is None:
+        return
+    if isinstance(error, ray.train.TrainingFailedError):
+        for failure in getattr(error, "worker_failures", {}).values():
             cause: BaseException | None = failure
             while cause is not None:
                 if isinstance(cause, (ConfigError, CheckpointError)):
                     raise cause from None
                 cause = cause.__cause__
-        raise
+    raise error

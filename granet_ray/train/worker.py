@@ -5,13 +5,13 @@ Every worker builds the same run with the recipe (the model in DDP through
 ``DistributedSync``), resumes from the newest committed checkpoint of the run's folder if
 there is one (on any number of workers), and trains with hooks that report every epoch to
 Ray Train with its checkpoint (written by rank 0 in the store's format) and send rank 0's
-progress events to the driver.
+progress events to the driver. The session itself (resume or start, hooks) is
+``granet_ray.session``'s, the same as a run in one process.
 """
 
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,10 @@ from ray.util.queue import Queue
 
 from granet_ray.config import RunSettings, TrainConfig
 from granet_ray.distributed import DistributedSync, gather_objects
-from granet_ray.recipe import (
-    HookChain,
-    Hooks,
-    Position,
-    ProgressHooks,
-    Run,
-    build_run,
-    run_epochs,
-    start_event,
-)
-from granet_ray.resume import Resumed, checkpoint_name, restore, rng_state, save_checkpoint
-from granet_ray.store import latest_checkpoint
+from granet_ray.events import CHECKPOINT_REPORT, EpochMetrics, Event
+from granet_ray.recipe import Hooks, Position, Run, build_run
+from granet_ray.resume import checkpoint_name, rng_state, save_checkpoint
+from granet_ray.session import train_session
 
 
 class ReportHooks(Hooks):
@@ -43,20 +35,16 @@ class ReportHooks(Hooks):
     copies into the run's folder."""
 
     def on_checkpoint(self, run: Run, position: Position) -> None:
-        metrics = {
-            "epoch": position.epoch,
-            "step": run.engine.step_count,
-            "step_in_epoch": position.step_in_epoch,
-        }
-        self._report(run, metrics, position)
+        values = (position.epoch, run.engine.step_count, position.step_in_epoch)
+        self._report(run, dict(zip(CHECKPOINT_REPORT, values, strict=True)), position)
 
     def on_epoch(
-        self, run: Run, metrics: dict[str, Any], position: Position, checkpoint: bool
+        self, run: Run, metrics: EpochMetrics, position: Position, checkpoint: bool
     ) -> None:
         if checkpoint:
-            self._report(run, metrics, position)
+            self._report(run, dict(metrics), position)
         else:
-            ray.train.report(metrics)
+            ray.train.report(dict(metrics))
 
     def _report(self, run: Run, metrics: dict[str, Any], position: Position) -> None:
         rngs = gather_objects(rng_state())
@@ -79,7 +67,7 @@ class QueueSender:
         self.queue = queue
         self.lost = False
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: Event) -> None:
         if self.lost:
             return
         try:
@@ -87,24 +75,6 @@ class QueueSender:
         except RayError as err:
             self.lost = True
             print(f"granet-ray: progress events are no longer sent to the driver: {err}")
-
-
-def record_resize(run: Run, resumed: Resumed, now: float) -> dict[str, Any] | None:
-    """The resize record of a run restarted on another number of workers than the one that
-    wrote ``resumed`` (None for the same number): step, old and new size, the checkpoint,
-    and the seconds lost since it was saved (the work since then is done again)."""
-    old = resumed.metadata["world_size"]
-    if old == run.world:
-        return None
-    record = {
-        "step": run.engine.step_count,
-        "old_size": old,
-        "new_size": run.world,
-        "checkpoint": resumed.checkpoint,
-        "seconds_lost": max(0.0, now - resumed.saved_at),
-    }
-    run.resizes.append(record)
-    return record
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -125,23 +95,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sync=DistributedSync() if world > 1 else None,
         loader_workers=max(int(settings.cpus_per_worker) - 1, 0),
     )
-    # The newest committed checkpoint of the run's folder: the one Ray hands out, or a newer
-    # one Ray had not registered yet when a worker died (it collects reports every 2 s).
-    uri = latest_checkpoint(settings.run_uri, storage_options=settings.storage_options)
-    resumed = None if uri is None else restore(run, uri, settings.storage_options)
-    resize = None if resumed is None else record_resize(run, resumed, time.time())
-    hooks: list[Hooks] = [ReportHooks(), *config.get("hooks", [])]
+    # Resumes from the newest committed checkpoint of the run's folder: the one Ray hands
+    # out, or a newer one Ray had not registered yet when a worker died.
     queue = config.get("progress")
-    if queue is not None and rank == 0:
-        send = QueueSender(queue)
-        hooks.insert(0, ProgressHooks(send))
-        send(start_event(run, Position() if resumed is None else resumed.position, uri))
-        if resize is not None:
-            send({"kind": "resize", **resize})
-    run_epochs(
+    train_session(
         run,
-        HookChain(hooks),
-        start=None if resumed is None else resumed.position,
-        checkpoint_every=settings.checkpoint_every,
-        checkpoint_every_steps=settings.checkpoint_every_steps,
+        settings,
+        checkpoints=ReportHooks(),
+        send=QueueSender(queue) if queue is not None and rank == 0 else None,
+        hooks=config.get("hooks", []),
     )

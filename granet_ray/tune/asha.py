@@ -13,10 +13,9 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from granet_ray.events import RANK_METRIC as METRIC
+from granet_ray.events import TIME_METRIC as TIME_ATTR
 from granet_ray.tune.space import Asha
-
-METRIC = "val_accuracy"
-TIME_ATTR = "epoch"
 
 
 def trial_level(trial: Trial) -> float:

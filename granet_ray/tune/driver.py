@@ -29,6 +29,7 @@ from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from rich.console import Console
 
+from granet_ray.checks import check_storage
 from granet_ray.config import (
     ConfigError,
     RunSettings,
@@ -36,6 +37,7 @@ from granet_ray.config import (
     dump_preset,
     preset_file_name,
 )
+from granet_ray.events import RANK_METRIC, TIME_METRIC
 from granet_ray.store import Storage, open_storage
 from granet_ray.train import build_trainer, connect
 from granet_ray.tune.asha import LevelASHA
@@ -58,8 +60,8 @@ from granet_ray.tune.space import (
     sweep_name,
     validate,
 )
+from granet_ray.tune.tables import groups_table, trials_table
 from granet_ray.ui import console as default_console
-from granet_ray.ui.tables import groups_table, trials_table
 
 RUNS_DIR = "runs"
 RESULTS_DIR = "results"
@@ -157,7 +159,7 @@ def trial_rows(
     for p in points:
         result = by_name.get(p.name)
         m = (result.metrics or {}) if result is not None else {}
-        epoch = int(m.get("epoch", 0))
+        epoch = int(m.get(TIME_METRIC, 0))
         if result is not None and result.error is not None:
             status = "error"
         elif epoch == p.train.epochs:
@@ -176,7 +178,7 @@ def trial_rows(
                 train=p.train,
                 status=status,
                 epoch=epoch,
-                accuracy=m.get("val_accuracy"),
+                accuracy=m.get(RANK_METRIC),
                 density=m.get("density"),
                 inference_flops=m.get("inference_flops"),
                 training_flops=m.get("training_flops"),
@@ -238,6 +240,7 @@ def sweep(
     progress: bool = True,
     console: Console | None = None,
     callbacks: Sequence[tune.Callback] = (),
+    address: str | None = None,
 ) -> SweepOutcome:
     """Run every trial of ``space`` on Ray Tune, each a Ray Train run with ``run``'s workers,
     and write the results; resume the sweep if it was interrupted before.
@@ -247,12 +250,15 @@ def sweep(
     max_concurrent: trials at once (None: as many as the cluster's CPUs and GPUs hold).
     progress: show live progress and the final tables on ``console`` (default: stdout).
     callbacks: Tune callbacks for this call only (they are not stored with the sweep).
-    Every trial is validated before any starts (``ConfigError`` naming trial and field).
+    address: the Ray cluster (default: ``$RAY_ADDRESS``, else a private local Ray).
+    Every trial is validated and the storage probed once, before Ray is contacted
+    (``ConfigError`` naming trial and field; the store's ``StorageError`` kinds).
     """
     console = console or default_console()
     points = validate(space, run)
     space, asha_note = settle_asha(space, points)
-    connect(dashboard=True)
+    check_storage(run)
+    connect(address, dashboard=True)
     name = run.name or sweep_name(space, points, run)
     digest = space_digest(space, points, run)
     concurrent = max_concurrent or max_concurrent_trials(ray.cluster_resources(), run)

@@ -12,6 +12,7 @@ from ray.tune.experiment import Trial
 from rich.console import Console
 from rich.markup import escape
 
+from granet_ray.events import RANK_METRIC, TIME_METRIC
 from granet_ray.ui.progress import LiveBar
 
 
@@ -26,12 +27,12 @@ def _name(trial: Trial) -> str:
 def trial_summary(result: dict[str, Any], epochs: int) -> str:
     """``epoch e/E val acc a density d`` of a trial's latest epoch report; a mid-epoch
     checkpoint report (``--checkpoint-every-steps``) gives its step."""
-    if "epoch" not in result:
+    if TIME_METRIC not in result:
         return "no report"
-    if "val_accuracy" not in result:
-        return f"epoch {result['epoch']}/{epochs}, checkpoint at step {result['step']}"
+    if RANK_METRIC not in result:
+        return f"epoch {result[TIME_METRIC]}/{epochs}, checkpoint at step {result['step']}"
     return (
-        f"epoch {result['epoch']}/{epochs} val acc {result['val_accuracy']:.2%} "
+        f"epoch {result[TIME_METRIC]}/{epochs} val acc {result[RANK_METRIC]:.2%} "
         f"density {result['density']:.4f}"
     )
 
@@ -75,7 +76,8 @@ class SweepDisplay(tune.Callback, LiveBar):
         self.update(completed=self.done)
         result = trial.last_result or {}
         epochs = _epochs(trial)
-        ended = "finished" if result.get("epoch") == epochs else "[yellow]stopped early (ASHA)[/]"
+        done = result.get(TIME_METRIC) == epochs
+        ended = "finished" if done else "[yellow]stopped early (ASHA)[/]"
         self.print(f"{escape(_name(trial))} {ended}: {trial_summary(result, epochs)}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:

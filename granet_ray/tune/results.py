@@ -1,7 +1,7 @@
 """What a sweep produced, as plain data: per-trial rows, per-configuration means over seeds,
 the Pareto front of accuracy against sparsity, the best configuration per sparsity level, and
 the files made of them (CSV, Markdown, the Pareto plot's PNG). No Ray, no I/O; the rich
-tables are in ``granet_ray.ui.tables``.
+tables are in ``granet_ray.tune.tables``.
 
 Accuracies are validation accuracies after the last epoch; only trials that ran all their
 epochs ("finished") enter the means, the front and the presets, so every compared number

@@ -1,9 +1,10 @@
 """Live progress: one rich bar over optimizer steps (a run) or trials (a sweep) with a status
 line, lines printed above it as things happen, and the drawing of a run's progress events.
 
-A run's events are small dicts, the same whether they come from this process or from a Ray
-worker through a queue: ``start`` (the run starts or resumes), ``step``, ``epoch`` (its
-metrics) and ``resize`` (an elastic run restarted on another number of workers).
+A run's events are the typed events of ``granet_ray.events``, the same whether they come from
+this process or from a Ray worker through a queue: ``Started`` (the run starts or resumes),
+``Stepped``, ``EpochEnded`` (its metrics) and ``Resized`` (an elastic run restarted on another
+number of workers).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from granet_ray.events import EpochEnded, EpochMetrics, Event, Resized, Started, Stepped
+
 
 def step_status(
     *, epoch: int, loss: float, density: float, next_update: int | None, accuracy: float | None
@@ -36,7 +39,7 @@ def step_status(
     return " | ".join(parts)
 
 
-def epoch_line(metrics: dict[str, Any]) -> str:
+def epoch_line(metrics: EpochMetrics) -> str:
     """One line per finished epoch: losses, accuracies, density, FLOPs, throughput."""
     return (
         f"epoch {metrics['epoch']:>3} step {metrics['step']:>7} | "
@@ -100,52 +103,55 @@ class LiveBar:
 
 
 class RunView(LiveBar):
-    """The bar of a training run over its global steps, drawing its events (``show``)."""
+    """The bar of a training run over its global steps, drawing its events (``show``).
+    ``started``: a ``Started`` event arrived (the workers are up)."""
 
     def __init__(self, console: Console, *, title: str = "GraNet", enabled: bool = True) -> None:
         super().__init__(console, title, status="starting", enabled=enabled)
         self._accuracy: float | None = None
+        self.started = False
 
-    def show(self, event: dict[str, Any]) -> None:
+    def show(self, event: Event) -> None:
         """Draw one event."""
-        kind = event["kind"]
-        if kind == "start":
-            self.update(total=event["total_steps"], completed=event["step"])
-            where = f"{event['world_size']} worker(s)"
-            if event.get("checkpoint"):
+        if isinstance(event, Started):
+            self.started = True
+            self.update(total=event.total_steps, completed=event.step)
+            where = f"{event.world_size} worker(s)"
+            if event.checkpoint:
                 self.print(
-                    f"[yellow]resumed on {where} from {escape(event['checkpoint'])} "
-                    f"(epoch {event['epoch']}, step {event['step']})[/]"
+                    f"[yellow]resumed on {where} from {escape(event.checkpoint)} "
+                    f"(epoch {event.epoch}, step {event.step})[/]"
                 )
             else:
                 self.print(
-                    f"training on {where}: {event['epochs']} epochs of "
-                    f"{event['steps_per_epoch']} steps of {event['global_batch']} samples"
+                    f"training on {where}: {event.epochs} epochs of "
+                    f"{event.steps_per_epoch} steps of {event.global_batch} samples"
                 )
-        elif kind == "resize":
+        elif isinstance(event, Resized):
             self.print(
-                f"[yellow]resized from {event['old_size']} to {event['new_size']} worker(s) "
-                f"at step {event['step']}: resumed from {escape(str(event['checkpoint']))}, "
-                f"{event['seconds_lost']:.0f} s lost[/]"
+                f"[yellow]resized from {event.old_size} to {event.new_size} worker(s) "
+                f"at step {event.step}: resumed from {escape(event.checkpoint)}, "
+                f"{event.seconds_lost:.0f} s lost[/]"
             )
-        elif kind == "step":
+        elif isinstance(event, Stepped):
             status = step_status(
-                epoch=event["epoch"],
-                loss=event["loss"],
-                density=event["density"],
-                next_update=event["next_update"],
+                epoch=event.epoch,
+                loss=event.loss,
+                density=event.density,
+                next_update=event.next_update,
                 accuracy=self._accuracy,
             )
-            self.update(completed=event["step"], status=status)
-        elif kind == "epoch":
-            self._accuracy = event["val_accuracy"]
-            self.print(escape(epoch_line(event)))
-            next_update = None if event["next_update"] < 0 else event["next_update"]
+            self.update(completed=event.step, status=status)
+        elif isinstance(event, EpochEnded):
+            metrics = event.metrics
+            self._accuracy = metrics["val_accuracy"]
+            self.print(escape(epoch_line(metrics)))
+            next_update = None if metrics["next_update"] < 0 else metrics["next_update"]
             status = step_status(
-                epoch=event["epoch"],
-                loss=event["train_loss"],
-                density=event["density"],
+                epoch=metrics["epoch"],
+                loss=metrics["train_loss"],
+                density=metrics["density"],
                 next_update=next_update,
                 accuracy=self._accuracy,
             )
-            self.update(completed=event["step"], status=status)
+            self.update(completed=metrics["step"], status=status)
