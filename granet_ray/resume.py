@@ -22,10 +22,14 @@ import torch
 from granet_ray.config import RUNTIME_FIELDS, ConfigError, TrainConfig
 from granet_ray.recipe import Position, Run, Totals, seed_everything, worker_seed
 from granet_ray.store import (
+    CorruptCheckpointError,
+    ManifestError,
+    latest_checkpoint,
     load_sparse,
     optimizer_state_by_name,
     optimizer_state_from_names,
     save_sparse,
+    set_aside,
 )
 
 METADATA_KIND = "granet-ray-train"
@@ -186,3 +190,19 @@ def restore(run: Run, uri: str, storage_options: dict[str, Any] | None = None) -
     totals = Totals(loss_sum, correct, count)
     position = Position(meta["epoch"], meta["step_in_epoch"], totals, list(meta["epochs"]))
     return Resumed(loaded.uri, position, meta, loaded.manifest.created_timestamp)
+
+
+def resume_latest(
+    run: Run, run_uri: str, storage_options: dict[str, Any] | None = None
+) -> Resumed | None:
+    """``restore`` ``run`` from the newest checkpoint in ``run_uri`` that loads; None when
+    there is none. A checkpoint that fails verification on load (a changed file of the right
+    size, a bad Arrow file) is set aside with a warning (``store.set_aside``) and the one
+    before it tried, so one damaged checkpoint never stops a run for good; nothing is written
+    into ``run`` before a checkpoint verifies."""
+    while (uri := latest_checkpoint(run_uri, storage_options)) is not None:
+        try:
+            return restore(run, uri, storage_options)
+        except (CorruptCheckpointError, ManifestError) as exc:
+            set_aside(uri, exc, storage_options)
+    return None

@@ -25,7 +25,13 @@ from granet_ray.recipe import (
     run_epochs,
     start_event,
 )
-from granet_ray.resume import Resumed, checkpoint_name, restore, rng_state, save_checkpoint
+from granet_ray.resume import (
+    Resumed,
+    checkpoint_name,
+    resume_latest,
+    rng_state,
+    save_checkpoint,
+)
 from granet_ray.store import latest_checkpoint
 from granet_ray.ui.tables import layer_table, outcome_table
 
@@ -77,15 +83,16 @@ def train_session(
     hooks: Sequence[Hooks] = (),
 ) -> Position:
     """Train ``run`` to its last epoch in ``settings``' run folder: resumed from the newest
-    committed checkpoint there (written on any number of workers), else from the start.
+    committed checkpoint there that verifies (written on any number of workers; a damaged
+    one is set aside with a warning), else from the start.
 
     checkpoints: writes the due checkpoints (every ``settings.checkpoint_every`` epochs, the
     last epoch, and every ``checkpoint_every_steps`` global steps). send: where this
     process's progress events go (None: nowhere, e.g. on workers other than rank 0).
     hooks: extra hooks, called after those. Returns the final position.
     """
-    uri = latest_checkpoint(settings.run_uri, storage_options=settings.storage_options)
-    resumed = None if uri is None else restore(run, uri, settings.storage_options)
+    resumed = resume_latest(run, settings.run_uri, settings.storage_options)
+    uri = None if resumed is None else resumed.checkpoint
     resize = None if resumed is None else record_resize(run, resumed, time.time())
     position = Position() if resumed is None else resumed.position
     chain: list[Hooks] = [checkpoints, *hooks]

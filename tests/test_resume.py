@@ -26,6 +26,7 @@ from granet_ray.resume import (
     checkpoint_metadata,
     checkpoint_name,
     restore,
+    resume_latest,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -102,3 +103,37 @@ def test_restore_on_another_number_of_workers_reseeds_the_worker(tmp_path: Path)
     assert torch.equal(drawn, torch.rand(4))
     for name, mask in run.engine.masks.items():
         assert torch.equal(two.engine.masks[name], mask)
+
+
+def test_a_checkpoint_damaged_beyond_its_size_is_set_aside_on_resume(tmp_path: Path) -> None:
+    """The newest checkpoint has a changed byte (sizes agree, the checksum does not): the run
+    resumes from the one before, the damaged one is set aside, and its name can be written
+    again when the run gets there."""
+    run = build_run(TINY, device=torch.device("cpu"))
+    uris = {}
+    for info in train_steps(run, 0, Sums.zeros(run.device)):
+        if info.step in (2, 3):
+            name = checkpoint_name(Position(0, info.step), run.plan.steps_per_epoch)
+            uris[info.step] = save_checkpoint(
+                run, Position(0, info.step), str(tmp_path / name), [rng_state()]
+            )
+        if info.step == 3:
+            break
+    folder = Path(uris[3])
+    data = next(folder.glob("model-csr-*.arrow"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    data.write_bytes(bytes(raw))
+    files = sorted(p.name for p in folder.iterdir())
+    fresh = build_run(TINY, device=torch.device("cpu"))
+    with pytest.warns(UserWarning, match=rf"^{uris[3]} held a damaged checkpoint \(.*sha256"):
+        resumed = resume_latest(fresh, str(tmp_path))
+    assert resumed is not None and resumed.checkpoint == uris[2]
+    assert (resumed.position.step_in_epoch, fresh.engine.step_count) == (2, 2)
+    [aside] = tmp_path.glob(f"{folder.name}.damaged-*")
+    assert not folder.exists() and sorted(p.name for p in aside.iterdir()) == files
+    assert (aside / data.name).read_bytes() == bytes(raw)
+    save_checkpoint(run, Position(0, 3), uris[3], [rng_state()])
+    again = build_run(TINY, device=torch.device("cpu"))
+    assert getattr(resume_latest(again, str(tmp_path)), "checkpoint", None) == uris[3]
+    assert resume_latest(again, str(tmp_path / "empty")) is None

@@ -34,17 +34,16 @@ def _writer(uri: str, options: dict | None, stop: str, marker: Path, model, mask
 
     def write_one_file(self: storage.Storage, files: dict[str, bytes]) -> None:
         name, data = next(iter(files.items()))
-        if isinstance(self, storage.LocalStorage):
+        if self.local:
             os.makedirs(self.location.path, exist_ok=True)
             with open(os.path.join(self.location.path, name), "wb") as f:
                 f.write(data[: len(data) // 2])
         else:
-            self.fs.pipe_file(self._key(name), data)
+            self.fs.pipe_file(self._path(name), data)
         hang()
 
     if stop == "data":
-        storage.LocalStorage.write = write_one_file
-        storage.S3Storage.write = write_one_file
+        storage.Storage.put_new = write_one_file
     else:
         storage.os.replace = hang
     save_sparse(

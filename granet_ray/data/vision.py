@@ -56,7 +56,8 @@ def build_cifar10(root: Path, download: bool, train_size: int | None, seed: int)
     except RuntimeError as err:
         raise RuntimeError(
             f"dataset 'cifar10': the files in {folder} failed torchvision's MD5 check; "
-            "delete them and pass download=True (--download) to fetch them again"
+            "delete them and fetch them again where there is internet with "
+            "torchvision.datasets.CIFAR10(ROOT, download=True)"
         ) from err
     return DataBundle(
         train=shuffled_subset(train, train_size, seed, "cifar10"),

@@ -1,7 +1,8 @@
 """Sparse checkpoints: every masked weight as CSR in Arrow IPC files, on local disk or S3.
 
 Format: docs/checkpoint-format.md. Entry points: ``save_sparse``, ``load_sparse``,
-``list_checkpoints``, ``latest_checkpoint``; every failure is a ``CheckpointError``.
+``list_checkpoints``, ``latest_checkpoint`` and ``set_aside`` (for a checkpoint that failed
+verification); every failure is a ``CheckpointError``.
 ``open_storage(uri, storage_options)`` gives the ``Storage`` everything else a run writes goes
 through (plain objects, the storage probe, Ray Train's pyarrow filesystem).
 """
@@ -12,6 +13,7 @@ from granet_ray.store.api import (
     list_checkpoints,
     load_sparse,
     save_sparse,
+    set_aside,
 )
 from granet_ray.store.errors import (
     BucketNotFoundError,
@@ -64,4 +66,5 @@ __all__ = [
     "optimizer_state_by_name",
     "optimizer_state_from_names",
     "save_sparse",
+    "set_aside",
 ]

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -26,8 +28,11 @@ from granet_ray.store.errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     InvalidInputError,
+    ManifestError,
     ModelMismatchError,
+    UnsupportedFormatError,
 )
 from granet_ray.store.format import CSR, MANIFEST_NAME, MAX_MANIFEST_BYTES
 from granet_ray.store.manifest import (
@@ -42,6 +47,12 @@ from granet_ray.store.storage import Storage, open_storage
 
 LAYOUTS = ("dense", "csr")
 DECODE_THREADS = min(4, os.cpu_count() or 1)
+# A checkpoint that failed verification is renamed to "<name>.damaged-<UTC stamp>" (set aside)
+SET_ASIDE_STAMP = "%Y%m%dT%H%M%SZ"
+SET_ASIDE_RE = re.compile(r"\.damaged-\d{8}T\d{6}Z(?:/|$)")
+# what verification of a committed checkpoint can find wrong with it (an UnsupportedFormatError
+# is not damage: another version of granet-ray may read that checkpoint)
+DAMAGE = (CorruptCheckpointError, ManifestError)
 
 
 @dataclass
@@ -67,7 +78,7 @@ class SparseCheckpoint:
 
 
 def _manifest_bytes(storage: Storage) -> bytes | None:
-    return storage.read({MANIFEST_NAME: MAX_MANIFEST_BYTES + 1})[MANIFEST_NAME]
+    return storage.get(MANIFEST_NAME, MAX_MANIFEST_BYTES + 1)
 
 
 def manifest_data(storage: Storage) -> bytes:
@@ -95,19 +106,40 @@ def save_sparse(
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> str:
-    """Save a model (or state dict) as a sparse checkpoint at ``uri``; returns the canonical URI.
+    """Save a model (or state dict) as a sparse checkpoint.
 
-    masks: state-dict name -> bool tensor of the weight's shape, for >= 2-D float weights;
-        those are stored as CSR of the mask's pattern (weights outside the mask must be 0).
-    metadata: JSON object (step, config, engine state...) stored in the manifest.
-    optimizer_state: ``{"state": {param name: {key: tensor | number}}, "param_groups": [...]}``
-        (see ``optimizer_state_by_name``); weight-shaped state of a masked weight is stored
-        with that weight's pattern.
-    storage_options: for s3:// URIs, passed to ``s3fs.S3FileSystem`` (key, secret,
-        endpoint_url, client_kwargs, config_kwargs...).
-    overwrite: replace a committed checkpoint at ``uri``; the old one stays loadable until the
-        new manifest is committed.
-    Raises a CheckpointError subclass on bad input; nothing is written then.
+    The data files are written first under names unique to this save, ``manifest.json``
+    last: a reader sees the whole checkpoint or none of it. Without ``overwrite``, a
+    committed checkpoint at ``uri`` that fails verification (a missing, truncated or altered
+    file, an unreadable manifest) is not replaced but set aside: renamed to
+    ``<name>.damaged-<UTC stamp>``, with a warning (``warnings.warn``) naming both URIs; the
+    save then proceeds.
+
+    Args:
+        state: the model, or its state dict (name -> tensor).
+        uri: where to write: a local path, ``file://`` URI or ``s3://bucket/prefix``.
+        masks: state-dict name -> bool tensor of the weight's shape, for >= 2-D float
+            weights; those are stored as CSR of the mask's pattern (weights outside the mask
+            must be 0).
+        metadata: JSON object (step, config, engine state...) stored in the manifest.
+        optimizer_state: ``{"state": {param name: {key: tensor | number}}, "param_groups":
+            [...]}`` (see ``optimizer_state_by_name``); weight-shaped state of a masked weight
+            is stored with that weight's pattern.
+        storage_options: for s3:// URIs, passed to ``s3fs.S3FileSystem`` (key, secret,
+            endpoint_url, client_kwargs, config_kwargs...).
+        overwrite: replace a committed checkpoint at ``uri``; the old one stays loadable
+            until the new manifest is committed.
+
+    Returns:
+        The canonical URI of the checkpoint.
+
+    Raises:
+        CheckpointExistsError: ``uri`` holds a committed, verified checkpoint and
+            ``overwrite`` is False.
+        InvalidInputError: bad state, masks, metadata or optimizer state; nothing is written.
+        InvalidURIError: a malformed URI or storage options that do not apply.
+        StorageError: the storage failed (a subclass names an unreachable S3 endpoint,
+            refused credentials or a missing bucket).
     """
     storage = open_storage(uri, storage_options)
     tensors = state_tensors(state)
@@ -115,10 +147,13 @@ def save_sparse(
         raise InvalidInputError(f"metadata must be a dict, got {type(metadata).__name__}")
     meta = json_value(dict(metadata or {}), "metadata")
     previous = _manifest_bytes(storage)
+    damage = None
     if previous is not None and not overwrite:
-        raise CheckpointExistsError(
-            f"{storage.uri} already holds a checkpoint; pass overwrite=True to replace it"
-        )
+        damage = _damage(storage, previous)
+        if damage is None:
+            raise CheckpointExistsError(
+                f"{storage.uri} already holds a checkpoint; pass overwrite=True to replace it"
+            )
     save_id = secrets.token_hex(6)
     encoded = encode_checkpoint(tensors, masks, optimizer_state, save_id)
     manifest = Manifest(
@@ -133,18 +168,75 @@ def save_sparse(
         optimizer_state=encoded.optimizer_state,
         metadata=meta,
     )
-    storage.write(encoded.files)
-    storage.commit(MANIFEST_NAME, manifest.to_bytes())
+    if damage is not None:
+        _set_aside(storage, damage)
+        previous = None
+    storage.put_new(encoded.files)
+    storage.put(MANIFEST_NAME, manifest.to_bytes())
     if previous is not None:
         _remove_replaced(storage, previous, manifest)
     return storage.uri
+
+
+def _damage(storage: Storage, data: bytes) -> CheckpointError | None:
+    """What is wrong with the committed checkpoint whose manifest is ``data``: its manifest,
+    or a file's presence, size or sha256; None when it verifies (or is of a format another
+    version of granet-ray may read)."""
+    try:
+        manifest = parse_manifest(data, f"{storage.uri}/{MANIFEST_NAME}")
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:
+            read_verified(storage, manifest, pool)
+    except UnsupportedFormatError:
+        return None
+    except DAMAGE as exc:
+        return exc
+    return None
+
+
+def set_aside(
+    uri: str | os.PathLike[str],
+    damage: CheckpointError,
+    storage_options: dict[str, Any] | None = None,
+) -> str | None:
+    """Set aside a checkpoint that failed verification, so that the run can go on without it.
+
+    The checkpoint's folder is renamed to ``<name>.damaged-<UTC stamp>`` (never deleted;
+    ``list_checkpoints`` leaves it out) and a warning (``warnings.warn``) names both URIs and
+    the damage.
+
+    Args:
+        uri: the damaged checkpoint.
+        damage: what verification found (shown in the warning).
+        storage_options: for s3:// URIs, passed to ``s3fs.S3FileSystem``.
+
+    Returns:
+        The URI it now has, or None when it was gone (another process set it aside).
+
+    Raises:
+        InvalidURIError: a malformed URI, or a checkpoint at the root of a bucket.
+        StorageError: the storage failed, or the new name is taken.
+    """
+    return _set_aside(open_storage(uri, storage_options), damage)
+
+
+def _set_aside(storage: Storage, damage: CheckpointError) -> str | None:
+    stamp = datetime.now(timezone.utc).strftime(SET_ASIDE_STAMP)
+    name = storage.uri.rstrip("/").rpartition("/")[2]
+    moved = storage.rename(f"{name}.damaged-{stamp}")
+    if moved is None:
+        return None
+    warnings.warn(
+        f"{storage.uri} held a damaged checkpoint ({damage}); set aside as {moved.uri}",
+        stacklevel=3,
+    )
+    return moved.uri
 
 
 def _remove_replaced(storage: Storage, previous: bytes, current: Manifest) -> None:
     """Delete the data files of the checkpoint just replaced (best effort, after commit)."""
     try:
         old = parse_manifest(previous, f"{storage.uri}/{MANIFEST_NAME} (replaced)")
-        storage.remove([name for name in old.files if name not in current.files])
+        storage.delete(*(name for name in old.files if name not in current.files))
     except CheckpointError as exc:
         warnings.warn(
             f"committed {storage.uri}, but files of the replaced checkpoint remain: {exc}",
@@ -165,6 +257,11 @@ def _check_model(model: nn.Module, manifest: Manifest, uri: str) -> dict[str, to
     for name, tensor in targets.items():
         if not isinstance(tensor, torch.Tensor):
             raise ModelMismatchError(f"the model's state {name!r} is not a tensor")
+        if tensor.is_meta:
+            raise InvalidInputError(
+                f"cannot load {uri} into a model on the meta device ({name!r} has no storage): "
+                "materialize the model first, e.g. model.to_empty(device='cpu')"
+            )
         stored = manifest.tensors[name].tensor_shape
         if tuple(tensor.shape) != stored:
             raise ModelMismatchError(
@@ -180,6 +277,10 @@ def _device(map_location: str | torch.device) -> torch.device:
         torch.empty(0, device=device)  # the device exists and is usable
     except (RuntimeError, TypeError, AssertionError) as exc:
         raise InvalidInputError(f"invalid map_location {map_location!r}: {exc}") from None
+    if device.type == "meta":
+        raise InvalidInputError(
+            f"invalid map_location {map_location!r}: meta tensors hold no data to load into"
+        )
     return device
 
 
@@ -193,13 +294,37 @@ def load_sparse(
 ) -> SparseCheckpoint:
     """Load a checkpoint: tensors, masks, metadata and optimizer state.
 
-    model: load the weights into it, in place (strict: missing / unexpected keys or a shape
-        mismatch raise ModelMismatchError naming the tensor and both shapes; nothing is
-        written then). The returned state_dict is then the model's own.
-    layout: "dense" or "csr" (masked weights as 2-D sparse CSR tensors (out, in*kh*kw...));
-        "csr" cannot be combined with ``model``.
-    map_location: device of the returned tensors, masks and optimizer state.
-    storage_options: for s3:// URIs, passed to ``s3fs.S3FileSystem``.
+    Only the manifest is trusted: every file's size and sha256 are checked before Arrow
+    parses it, and every check passes before anything is written into ``model``.
+
+    Args:
+        uri: the checkpoint: a local path, ``file://`` URI or ``s3://bucket/prefix``.
+        model: load the weights into it, in place (strict: every key and shape must match).
+            The returned state_dict is then the model's own. Its tensors must have storage
+            (not on the meta device).
+        layout: "dense" or "csr" (masked weights as 2-D sparse CSR tensors
+            (out, in*kh*kw...)); "csr" cannot be combined with ``model``.
+        map_location: device of the returned tensors, masks and optimizer state.
+        storage_options: for s3:// URIs, passed to ``s3fs.S3FileSystem``.
+
+    Returns:
+        A ``SparseCheckpoint``: state_dict, masks, metadata, optimizer_state, uri, manifest.
+
+    Raises:
+        CheckpointNotFoundError: no committed checkpoint at ``uri`` (``manifest.json`` is
+            missing).
+        ManifestError: the manifest is not valid JSON, misses fields or names unsafe files.
+        UnsupportedFormatError: an unknown format version, tensor format or dtype.
+        CorruptCheckpointError: a data file is missing (MissingFileError), has the wrong
+            size (TruncatedFileError), checksum (ChecksumMismatchError) or content
+            (SchemaMismatchError).
+        ModelMismatchError: missing / unexpected keys or a shape mismatch with ``model``,
+            naming the tensor and both shapes; nothing is written into the model then.
+        InvalidInputError: a bad ``layout``, ``model`` or ``map_location``, or a model on the
+            meta device.
+        InvalidURIError: a malformed URI or storage options that do not apply.
+        StorageError: the storage failed (a subclass names an unreachable S3 endpoint,
+            refused credentials or a missing bucket).
     """
     if layout not in LAYOUTS:
         raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -273,16 +398,38 @@ def load_sparse(
 def list_checkpoints(
     prefix: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
 ) -> list[str]:
-    """URIs of the committed checkpoints at or under ``prefix``, oldest first.
+    """The committed checkpoints at or under ``prefix``, oldest first.
 
     Committed: a valid manifest whose files all exist with the listed sizes (checksums are
-    verified on load). Ordered by metadata "step" when every checkpoint has an integer one
-    (ties by creation time), else by the manifest's creation time.
+    verified on load). Checkpoints set aside as damaged (``<name>.damaged-<UTC stamp>``, see
+    ``save_sparse``) are left out. Ordered by metadata "step" when every checkpoint has an
+    integer one (ties by creation time), else by the manifest's creation time.
+
+    Args:
+        prefix: a run folder, or any folder above checkpoints: local path, ``file://`` URI
+            or ``s3://bucket/prefix``.
+        storage_options: for s3:// URIs, passed to ``s3fs.S3FileSystem``.
+
+    Returns:
+        The canonical URIs of the checkpoints; empty when there is none.
+
+    Raises:
+        InvalidURIError: a malformed URI or storage options that do not apply.
+        StorageError: the storage failed (a subclass names an unreachable S3 endpoint,
+            refused credentials or a missing bucket).
     """
     root = open_storage(prefix, storage_options)
-    found = root.scan(MANIFEST_NAME)
+    found: dict[str, dict[str, int]] = {}  # directory ('' = the prefix) -> its files' sizes
+    for name, size in root.list().items():
+        directory, _, base = name.rpartition("/")
+        found.setdefault(directory, {})[base] = size
+    found = {
+        d: sizes
+        for d, sizes in found.items()
+        if MANIFEST_NAME in sizes and not SET_ASIDE_RE.search(d)
+    }
     paths = {d: f"{d}/{MANIFEST_NAME}" if d else MANIFEST_NAME for d in found}
-    contents = root.read({path: MAX_MANIFEST_BYTES + 1 for path in paths.values()})
+    contents = root.get_many({path: MAX_MANIFEST_BYTES + 1 for path in paths.values()})
     committed: list[tuple[Manifest, str]] = []
     for directory, sizes in found.items():
         data = contents[paths[directory]]
@@ -310,6 +457,20 @@ def list_checkpoints(
 def latest_checkpoint(
     prefix: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
 ) -> str | None:
-    """The last of ``list_checkpoints(prefix)``, or None when there is none."""
+    """The newest committed checkpoint at or under ``prefix``: the last of
+    ``list_checkpoints``.
+
+    Args:
+        prefix: a run folder, or any folder above checkpoints: local path, ``file://`` URI
+            or ``s3://bucket/prefix``.
+        storage_options: for s3:// URIs, passed to ``s3fs.S3FileSystem``.
+
+    Returns:
+        Its canonical URI, or None when there is none.
+
+    Raises:
+        InvalidURIError: a malformed URI or storage options that do not apply.
+        StorageError: the storage failed (as for ``list_checkpoints``).
+    """
     found = list_checkpoints(prefix, storage_options)
     return found[-1] if found else None

@@ -56,7 +56,7 @@ def _verify(where: str, data: bytes | None, size: int, sha256: str) -> bytes:
 
 def read_verified(storage: Storage, manifest: Manifest, pool: Executor) -> dict[str, bytes]:
     """The bytes of every file the manifest lists, after checking size and sha256."""
-    contents = storage.read({name: f.bytes + 1 for name, f in manifest.files.items()})
+    contents = storage.get_many({name: f.bytes + 1 for name, f in manifest.files.items()})
     names = list(contents)
     checked = pool.map(
         lambda name: _verify(

@@ -7,7 +7,18 @@ from __future__ import annotations
 
 
 class CheckpointError(Exception):
-    """Base class of every error raised by ``granet_ray.store``."""
+    """Base class of every error raised by ``granet_ray.store``.
+
+    Catch it to handle any failure of ``save_sparse``, ``load_sparse``, ``list_checkpoints``
+    or ``latest_checkpoint``; its subclasses tell bad input (InvalidURIError,
+    InvalidInputError, ModelMismatchError), a missing or existing checkpoint
+    (CheckpointNotFoundError, CheckpointExistsError), a damaged one (ManifestError,
+    UnsupportedFormatError, CorruptCheckpointError and its subclasses) and storage failures
+    (StorageError and its subclasses) apart.
+
+    Args:
+        message: what is wrong and where (the URI, and the file or tensor when there is one).
+    """
 
 
 class InvalidURIError(CheckpointError):

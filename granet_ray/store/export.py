@@ -22,19 +22,24 @@ def export_safetensors(
 ) -> str:
     """Write the checkpoint's model state dict, dense, to ``out`` (a local path or s3:// URI,
     committed atomically); returns the canonical URI of ``out``. The safetensors metadata
-    records the source URI. Raises CheckpointExistsError if ``out`` exists and not
-    ``overwrite``."""
+    records the source URI. Raises InvalidURIError if ``out`` is a local folder,
+    CheckpointExistsError if ``out`` exists and not ``overwrite``."""
     target = parse_uri(out)
     parent_path, _, name = target.path.rpartition("/")
     if not name or not parent_path:
         raise InvalidURIError(f"invalid output {os.fspath(out)!r}: expected a file path")
+    if target.scheme == "file" and os.path.isdir(target.path):
+        raise InvalidURIError(
+            f"invalid output {target.uri}: it is a folder; give the file to write, e.g. "
+            f"{target.uri}/{parse_uri(uri).path.rpartition('/')[2]}.safetensors"
+        )
     options = storage_options if target.scheme == "s3" else None
     parent = open_storage(Location(target.scheme, parent_path).uri, options)
-    if not overwrite and parent.read({name: 1})[name] is not None:
+    if not overwrite and parent.get(name, 1) is not None:
         raise CheckpointExistsError(
             f"{target.uri} exists; pass overwrite=True (CLI: --overwrite) to replace it"
         )
     checkpoint = load_sparse(uri, storage_options=storage_options)
     data = safetensors_bytes(checkpoint.state_dict, metadata={"source": checkpoint.uri})
-    parent.commit(name, data)
+    parent.put(name, data)
     return target.uri

@@ -1,24 +1,23 @@
 """The only storage code: URI parsing, and one directory on local disk or S3.
 
-A ``Storage`` is one directory (local folder or S3 prefix) with two kinds of use. Checkpoints:
-data files are written once under fresh names (``write``), ``commit`` replaces a file
-atomically (local: temp file, fsync, os.replace, fsync of the directory; S3: a single PUT).
-Plain objects (history, plots, sweep results): ``put`` / ``get`` / ``list`` / ``delete`` by
-relative POSIX name. ``probe`` checks a storage before a run uses it, and ``arrow_filesystem``
-gives Ray Train the same storage as a pyarrow filesystem. S3 goes through fsspec / s3fs; its
-failures become typed errors that carry the URI and the endpoint.
+A ``Storage`` is one directory (local folder or S3 prefix) holding objects named by relative
+POSIX paths ("a/b.json"). One vocabulary: ``get`` / ``get_many`` read, ``put`` creates or
+replaces one object atomically (local: temp file, fsync, os.replace, fsync of the directory;
+S3: a single PUT), ``put_new`` creates objects that must not exist yet (checkpoint data files),
+``delete``, ``list`` and ``rename``. ``probe`` checks a storage before a run uses it, and
+``arrow_filesystem`` gives Ray Train the same storage as a pyarrow filesystem. Reads, listings
+and deletes go through one fsspec filesystem for both; failures become typed errors that
+carry the URI (and, on S3, the endpoint).
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import os
 import re
 import secrets
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
-# commit's temp files (".<name>.<12 hex>.tmp"): never listed as objects
+# put's temp files (".<name>.<12 hex>.tmp"): never listed as objects
 TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 PROBE_BYTES = b"granet-ray storage probe\n"
 # Bounds for probe(): a dead endpoint fails in seconds instead of minutes of retries. Seconds;
@@ -49,6 +48,8 @@ PROBE_CONFIG: dict[str, Any] = {
 }
 # s3fs options that only tune the s3fs client: not carried over to pyarrow's S3FileSystem.
 S3FS_ONLY_OPTIONS = frozenset({"config_kwargs", "use_listings_cache", "skip_instance_cache"})
+# what a missing local object raises (a folder, or a file where a folder is expected, too)
+LOCAL_MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,15 @@ class Location:
         if self.scheme == "file":
             return Location("file", str(Path(self.path, *relative.split("/"))))
         return Location("s3", f"{self.path}/{relative}")
+
+    def sibling(self, name: str) -> Location:
+        """The location named ``name`` in the same parent directory."""
+        if self.scheme == "file":
+            return Location("file", os.path.join(os.path.dirname(self.path), name))
+        parent = self.path.rpartition("/")[0]
+        if not parent:
+            raise InvalidURIError(f"{self.uri} is a bucket: it has no sibling {name!r}")
+        return Location("s3", f"{parent}/{name}")
 
 
 def parse_uri(uri: str | os.PathLike[str]) -> Location:
@@ -113,7 +123,7 @@ def parse_uri(uri: str | os.PathLike[str]) -> Location:
 
 
 def object_name(name: Any, where: str) -> str:
-    """A plain object's name: a relative POSIX path ("a/b.json") that stays inside ``where``;
+    """An object's name: a relative POSIX path ("a/b.json") that stays inside ``where``;
     InvalidURIError otherwise."""
     segments = name.split("/") if isinstance(name, str) else [""]
     if any(s in ("", ".", "..") for s in segments) or "\\" in name or "\x00" in name:
@@ -122,203 +132,6 @@ def object_name(name: Any, where: str) -> str:
             "without empty, '.' or '..' segments, '\\' or NUL"
         )
     return name
-
-
-class Storage(ABC):
-    """One directory. Checkpoint primitives take plain file names (``scan`` and ``read`` also
-    take "sub/dir/name"); the plain-object methods take relative POSIX names."""
-
-    def __init__(self, location: Location) -> None:
-        self.location = location
-
-    @property
-    def uri(self) -> str:
-        """The directory's canonical URI."""
-        return self.location.uri
-
-    @abstractmethod
-    def sub(self, relative: str) -> Storage:
-        """The storage of a sub-directory (relative POSIX path)."""
-
-    @abstractmethod
-    def read(self, names: dict[str, int]) -> dict[str, bytes | None]:
-        """Read each file, at most ``names[name]`` bytes of it; None for a missing file."""
-
-    @abstractmethod
-    def write(self, files: dict[str, bytes]) -> None:
-        """Create new files (never replacing one) and make them durable."""
-
-    @abstractmethod
-    def commit(self, name: str, data: bytes) -> None:
-        """Atomically create or replace one file: readers see the old or the new bytes."""
-
-    @abstractmethod
-    def remove(self, names: builtins.list[str]) -> None:
-        """Delete files; missing ones are ignored."""
-
-    @abstractmethod
-    def scan(self, marker: str) -> dict[str, dict[str, int]]:
-        """Sub-directories (relative POSIX paths, '' = this one) holding a file named
-        ``marker``, each with the byte sizes of its files."""
-
-    def put(self, name: str, data: bytes) -> None:
-        """Atomically create or replace the object ``name`` (sub-folders made as needed)."""
-        parent, _, base = object_name(name, self.uri).rpartition("/")
-        self.sub(parent).commit(base, data)
-
-    @abstractmethod
-    def get(self, name: str) -> bytes | None:
-        """The whole object ``name``, None when it does not exist."""
-
-    @abstractmethod
-    def delete(self, name: str) -> None:
-        """Delete the object ``name``; a missing one is fine."""
-
-    @abstractmethod
-    def probe(self) -> None:
-        """Prove the storage is reachable, accepts the credentials and is writable, by writing
-        and deleting a small uniquely named object. Raises StorageUnreachableError,
-        StorageAuthError, BucketNotFoundError or StorageError naming the URI and endpoint."""
-
-    @abstractmethod
-    def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem | None, str]:
-        """(filesystem, path) for Ray Train's ``RunConfig(storage_filesystem=...,
-        storage_path=...)``, from the same storage options; None: Ray resolves the path."""
-
-    @abstractmethod
-    def uri_of(self, path: str) -> str:
-        """The store URI of a path on ``arrow_filesystem()`` as Ray reports it."""
-
-    @abstractmethod
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        """Names (relative POSIX paths, recursive, sorted) of the objects under this
-        directory whose name starts with ``prefix``."""
-
-    def _list_base(self, prefix: str) -> str:
-        """The deepest directory (relative, '' = this one) holding every name of ``prefix``."""
-        if not isinstance(prefix, str):
-            raise InvalidURIError(f"invalid prefix {prefix!r} under {self.uri}: not a string")
-        base = prefix.rpartition("/")[0]
-        return object_name(base, self.uri) if base else ""
-
-
-class LocalStorage(Storage):
-    """A folder on local disk."""
-
-    def sub(self, relative: str) -> LocalStorage:
-        return LocalStorage(self.location.child(relative))
-
-    @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except OSError as exc:
-            raise StorageError(f"cannot {action} in {self.uri}: {exc.strerror or exc}") from None
-
-    def read(self, names: dict[str, int]) -> dict[str, bytes | None]:
-        out: dict[str, bytes | None] = {}
-        with self._errors("read"):
-            for name, limit in names.items():
-                try:
-                    with open(os.path.join(self.location.path, name), "rb") as f:
-                        out[name] = f.read(limit)
-                except (FileNotFoundError, NotADirectoryError):
-                    out[name] = None
-        return out
-
-    def write(self, files: dict[str, bytes]) -> None:
-        with self._errors("write"):
-            os.makedirs(self.location.path, exist_ok=True)
-            for name, data in files.items():
-                with open(os.path.join(self.location.path, name), "xb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-
-    def commit(self, name: str, data: bytes) -> None:
-        with self._errors("commit"):
-            os.makedirs(self.location.path, exist_ok=True)
-            final = os.path.join(self.location.path, name)
-            temp = os.path.join(self.location.path, f".{name}.{secrets.token_hex(6)}.tmp")
-            with open(temp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, final)
-            fd = os.open(self.location.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def remove(self, names: list[str]) -> None:
-        with self._errors("delete files"):
-            for name in names:
-                with suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.location.path, name))
-
-    def scan(self, marker: str) -> dict[str, dict[str, int]]:
-        found: dict[str, dict[str, int]] = {}
-        root = self.location.path
-        with self._errors("list files"):
-            for dirpath, _, filenames in os.walk(root):
-                if marker not in filenames:
-                    continue
-                relative = os.path.relpath(dirpath, root)
-                sizes = {}
-                for name in filenames:
-                    try:
-                        sizes[name] = os.stat(os.path.join(dirpath, name)).st_size
-                    except FileNotFoundError:
-                        continue
-                found["" if relative == "." else relative.replace(os.sep, "/")] = sizes
-        return found
-
-    def get(self, name: str) -> bytes | None:
-        path = os.path.join(self.location.path, *object_name(name, self.uri).split("/"))
-        with self._errors("read"):
-            try:
-                with open(path, "rb") as f:
-                    return f.read()
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                return None
-
-    def delete(self, name: str) -> None:
-        path = os.path.join(self.location.path, *object_name(name, self.uri).split("/"))
-        with self._errors("delete files"), suppress(FileNotFoundError, NotADirectoryError):
-            os.remove(path)
-
-    def probe(self) -> None:
-        path = os.path.join(self.location.path, f".granet-probe-{secrets.token_hex(6)}")
-        try:
-            os.makedirs(self.location.path, exist_ok=True)
-            with open(path, "xb") as f:
-                f.write(PROBE_BYTES)
-                f.flush()
-                os.fsync(f.fileno())
-            os.remove(path)
-        except OSError as exc:
-            where = f" ({exc.filename})" if exc.filename not in (None, self.uri) else ""
-            raise StorageError(
-                f"cannot write to {self.uri} (local disk): {exc.strerror or exc}{where}"
-            ) from None
-
-    def arrow_filesystem(self) -> tuple[None, str]:
-        return None, self.location.path
-
-    def uri_of(self, path: str) -> str:
-        return parse_uri(path).uri
-
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        base = self._list_base(prefix)
-        top = self.location.child(base).path
-        names = []
-        with self._errors("list files"):
-            for dirpath, _, filenames in os.walk(top):
-                relative = os.path.relpath(dirpath, self.location.path).replace(os.sep, "/")
-                folder = "" if relative == "." else f"{relative}/"
-                names += [folder + f for f in filenames if not TEMP_RE.match(f)]
-        return sorted(n for n in names if n.startswith(prefix))
 
 
 def _endpoint(options: dict[str, Any]) -> str:
@@ -379,108 +192,194 @@ def s3_error(exc: BaseException, uri: str, endpoint: str) -> CheckpointError | N
     )
 
 
-class S3Storage(Storage):
-    """An S3 prefix, through s3fs (credentials from ``storage_options`` or the AWS defaults).
-    ``options``: the caller's storage_options, kept for ``probe`` and ``arrow_filesystem``."""
+class Storage:
+    """One directory on an fsspec filesystem: a local folder (``endpoint`` None) or an S3
+    prefix through s3fs (credentials from ``options`` or the AWS defaults). ``options``: the
+    caller's storage_options, kept for ``probe`` and ``arrow_filesystem``."""
 
-    def __init__(self, location: Location, fs: Any, endpoint: str, options: dict[str, Any]) -> None:
-        super().__init__(location)
+    def __init__(
+        self, location: Location, fs: Any, endpoint: str | None, options: dict[str, Any]
+    ) -> None:
+        self.location = location
         self.fs = fs
         self.endpoint = endpoint
         self.options = options
 
-    def sub(self, relative: str) -> S3Storage:
-        return S3Storage(self.location.child(relative), self.fs, self.endpoint, self.options)
+    @property
+    def uri(self) -> str:
+        """The directory's canonical URI."""
+        return self.location.uri
 
-    def _key(self, name: str) -> str:
-        return f"{self.location.path}/{name}"
+    @property
+    def local(self) -> bool:
+        """Whether the directory is on local disk."""
+        return self.endpoint is None
 
-    def _raise(self, exc: BaseException) -> None:
-        mapped = s3_error(exc, self.uri, self.endpoint)
-        if mapped is not None:
-            raise mapped from None
+    def sub(self, relative: str) -> Storage:
+        """The storage of a sub-directory (relative POSIX path, '' = this one)."""
+        return Storage(self.location.child(relative), self.fs, self.endpoint, self.options)
+
+    def _path(self, name: str) -> str:
+        return self.location.child(object_name(name, self.uri)).path
+
+    def _missing(self, exc: BaseException) -> bool:
+        """Whether ``exc`` only says that an object does not exist."""
+        if self.local:
+            return isinstance(exc, LOCAL_MISSING)
+        return s3_error(exc, self.uri, self.endpoint or "") is None
+
+    def _error(self, exc: BaseException, action: str) -> CheckpointError:
+        """The typed error for a failure to ``action``."""
+        if self.local:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            return StorageError(f"cannot {action} in {self.uri}: {detail}")
+        return s3_error(exc, self.uri, self.endpoint or "") or StorageError(
+            f"S3 object not found under {self.uri} at {self.endpoint}: {exc}"
+        )
 
     @contextmanager
-    def _errors(self, missing_ok: bool = False) -> Iterator[None]:
-        """Typed errors for everything s3fs raises; a plain missing key passes when
-        ``missing_ok`` (the block is then cut short)."""
+    def _errors(self, action: str, missing_ok: bool = False) -> Iterator[None]:
+        """Typed errors for everything the filesystem raises; a plain missing object passes
+        when ``missing_ok`` (the block is then cut short)."""
         try:
             yield
         except CheckpointError:
             raise
-        except Exception as exc:  # s3fs and botocore raise many unrelated types
-            self._raise(exc)
-            if not missing_ok:
-                raise StorageError(
-                    f"S3 object not found under {self.uri} at {self.endpoint}: {exc}"
-                ) from None
+        except Exception as exc:  # s3fs, botocore and the OS raise many unrelated types
+            if not (missing_ok and self._missing(exc)):
+                raise self._error(exc, action) from None
 
-    def read(self, names: dict[str, int]) -> dict[str, bytes | None]:
-        keys = [self._key(n) for n in names]
-        with self._errors():
+    def get(self, name: str, limit: int | None = None) -> bytes | None:
+        """The object ``name`` (at most ``limit`` bytes of it), None when it does not exist."""
+        return self.get_many({name: limit})[name]
+
+    def get_many(self, limits: Mapping[str, int | None]) -> dict[str, bytes | None]:
+        """Read several objects at once (concurrently on S3), each at most ``limits[name]``
+        bytes (None: whole); None for a missing one."""
+        names = list(limits)
+        paths = [self._path(n) for n in names]
+        starts = [None if limits[n] is None else 0 for n in names]
+        with self._errors("read"):
             results = self.fs.cat_ranges(
-                keys, [0] * len(keys), list(names.values()), on_error="return"
+                paths, starts, [limits[n] for n in names], on_error="return"
             )
         out: dict[str, bytes | None] = {}
         for name, result in zip(names, results, strict=True):
             if isinstance(result, OSError) and "range is not satisfiable" in str(result):
                 out[name] = b""  # S3 answers a ranged GET of an empty object with 416
             elif isinstance(result, BaseException):
-                self._raise(result)
+                if not self._missing(result):
+                    raise self._error(result, "read") from None
                 out[name] = None
             else:
                 out[name] = bytes(result)
         return out
 
-    def write(self, files: dict[str, bytes]) -> None:
-        with self._errors():
-            self.fs.pipe({self._key(n): data for n, data in files.items()})
+    def put(self, name: str, data: bytes) -> None:
+        """Atomically create or replace the object ``name`` (sub-folders made as needed):
+        readers see the old or the new bytes."""
+        path = self._path(name)
+        with self._errors("write"):
+            if not self.local:
+                self.fs.pipe_file(path, data)
+                return
+            folder = os.path.dirname(path)
+            temp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+            _write_durably(temp, data)
+            os.replace(temp, path)
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
-    def commit(self, name: str, data: bytes) -> None:
-        with self._errors():
-            self.fs.pipe_file(self._key(name), data)
+    def put_new(self, files: dict[str, bytes]) -> None:
+        """Create objects that must not exist yet (never replacing one) and make them durable
+        (locally each is fsynced; a later ``put`` in the folder fsyncs the folder)."""
+        paths = {self._path(n): data for n, data in files.items()}
+        with self._errors("write"):
+            if not self.local:
+                self.fs.pipe(paths)
+                return
+            for path, data in paths.items():
+                _write_durably(path, data)
 
-    def remove(self, names: list[str]) -> None:
-        if names:
-            with self._errors():
-                self.fs.rm([self._key(n) for n in names])
+    def delete(self, *names: str) -> None:
+        """Delete objects; missing ones are fine."""
+        for path in [self._path(n) for n in names]:
+            with self._errors("delete files", missing_ok=True):
+                self.fs.rm_file(path)
 
-    def scan(self, marker: str) -> dict[str, dict[str, int]]:
-        with self._errors():
-            listing = self.fs.find(self.location.path, detail=True)
-        by_dir: dict[str, dict[str, int]] = {}
-        root = self.location.path
+    def list(self) -> dict[str, int]:
+        """Every object under this directory (relative POSIX names, recursive, sorted) with
+        its byte size; an object being ``put`` is not listed before it is complete."""
+        root = self.location.path.replace(os.sep, "/")
+        listing: dict[str, dict[str, Any]] = {}
+        with self._errors("list files", missing_ok=True):
+            listing = self.fs.find(root, detail=True)
+        found = {}
         for key, info in listing.items():
-            if not key.startswith(root + "/"):
-                continue
-            parent, _, name = key[len(root) + 1 :].rpartition("/")
-            by_dir.setdefault(parent, {})[name] = int(info.get("size", 0))
-        return {d: sizes for d, sizes in by_dir.items() if marker in sizes}
+            name = key[len(root) + 1 :]
+            temp = TEMP_RE.match(name.rpartition("/")[2])
+            if key.startswith(root + "/") and not name.endswith("/") and not temp:
+                found[name] = int(info.get("size") or 0)
+        return dict(sorted(found.items()))
 
-    def get(self, name: str) -> bytes | None:
-        key = self._key(object_name(name, self.uri))
-        with self._errors(missing_ok=True):
-            return bytes(self.fs.cat_file(key))
-        return None
-
-    def delete(self, name: str) -> None:
-        key = self._key(object_name(name, self.uri))
-        with self._errors(missing_ok=True):
-            self.fs.rm_file(key)
+    def rename(self, name: str) -> Storage | None:
+        """Move this directory to its sibling ``name``, which must not exist; returns the
+        sibling, or None when there was nothing to move (someone else moved it). Locally one
+        os.rename; on S3 each object is copied, then deleted (a mover that dies half way
+        leaves objects in both places, none lost)."""
+        target = self.location.sibling(name)
+        moved = Storage(target, self.fs, self.endpoint, self.options)
+        if self.local:
+            with self._errors(f"rename to {target.uri}"):
+                try:
+                    os.rename(self.location.path, target.path)
+                except FileNotFoundError:
+                    return None
+            return moved
+        objects = self.list()
+        if not objects:
+            return None
+        if moved.list():
+            raise StorageError(f"cannot rename to {target.uri} in {self.uri}: it exists")
+        for relative in objects:
+            with self._errors(f"rename to {target.uri}", missing_ok=True):
+                self.fs.cp_file(self._path(relative), moved._path(relative))
+                self.delete(relative)
+        return moved
 
     def probe(self) -> None:
+        """Prove the storage is reachable, accepts the credentials and is writable, by writing
+        and deleting a small uniquely named object. Raises StorageUnreachableError,
+        StorageAuthError, BucketNotFoundError or StorageError naming the URI and endpoint."""
+        name = f".granet-probe-{secrets.token_hex(6)}"
+        if self.local:
+            path = os.path.join(self.location.path, name)
+            try:
+                os.makedirs(self.location.path, exist_ok=True)
+                _write_durably(path, PROBE_BYTES)
+                os.remove(path)
+            except OSError as exc:
+                where = f" ({exc.filename})" if exc.filename not in (None, self.uri) else ""
+                raise StorageError(
+                    f"cannot write to {self.uri} (local disk): {exc.strerror or exc}{where}"
+                ) from None
+            return
         config = {**PROBE_CONFIG, **(self.options.get("config_kwargs") or {})}
         bounded = {**self.options, "config_kwargs": config, "skip_instance_cache": True}
         fs = _s3fs(self.location, bounded)
         fs.retries = 1  # s3fs's own retry loop on top of botocore's (attempts)
-        storage = S3Storage(self.location, fs, self.endpoint, self.options)
-        name = f".granet-probe-{secrets.token_hex(6)}"
+        storage = Storage(self.location, fs, self.endpoint, self.options)
         storage.get(name)  # a missing bucket answers NoSuchBucket (some servers create one on PUT)
-        storage.commit(name, PROBE_BYTES)
+        storage.put(name, PROBE_BYTES)
         storage.delete(name)
 
     def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem | None, str]:
-        if not self.options:
+        """(filesystem, path) for Ray Train's ``RunConfig(storage_filesystem=...,
+        storage_path=...)``, from the same storage options; None: Ray resolves the path."""
+        if self.local or not self.options:
             return None, self.uri
         import pyarrow.fs
 
@@ -512,16 +411,19 @@ class S3Storage(Storage):
             raise InvalidURIError(f"invalid storage_options for {self.uri}: {exc}") from None
 
     def uri_of(self, path: str) -> str:
-        return parse_uri(path if "://" in path else "s3://" + path.lstrip("/")).uri
+        """The store URI of a path on ``arrow_filesystem()`` as Ray reports it."""
+        if self.local or "://" in path:
+            return parse_uri(path).uri
+        return parse_uri("s3://" + path.lstrip("/")).uri
 
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        base = self._list_base(prefix)
-        root = self.location.path
-        with self._errors(missing_ok=True):
-            keys = self.fs.find(self.location.child(base).path)
-            names = [k[len(root) + 1 :] for k in keys if k.startswith(root + "/")]
-            return sorted(n for n in names if n.startswith(prefix) and not n.endswith("/"))
-        return []
+
+def _write_durably(path: str, data: bytes) -> None:
+    """Create the local file ``path`` (never replacing one, parent folders made) and fsync it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _s3fs(location: Location, options: dict[str, Any]) -> Any:
@@ -546,20 +448,22 @@ def open_storage(
                 f"storage_options apply to s3:// URIs only, got {sorted(storage_options)} for "
                 f"the local path {location.uri}"
             )
-        return LocalStorage(location)
+        import fsspec
+
+        return Storage(location, fsspec.filesystem("file"), None, {})
     if storage_options is not None and not isinstance(storage_options, dict):
         raise InvalidURIError(f"storage_options must be a dict, got {type(storage_options)}")
     options = dict(storage_options or {})
-    return S3Storage(location, _s3fs(location, options), _endpoint(options), options)
+    return Storage(location, _s3fs(location, options), _endpoint(options), options)
 
 
 def make_bucket(bucket_or_uri: str, storage_options: dict[str, Any] | None = None) -> None:
     """Create an S3 bucket, given by name or as ``s3://bucket[/...]`` (no error if it exists)."""
     uri = bucket_or_uri if "://" in bucket_or_uri else f"s3://{bucket_or_uri}"
     storage = open_storage(uri, storage_options)
-    if not isinstance(storage, S3Storage):
+    if storage.local:
         raise InvalidURIError(f"make_bucket needs an S3 bucket, got {bucket_or_uri!r}")
     bucket = storage.location.path.split("/", 1)[0]
-    with storage._errors():
+    with storage._errors("create the bucket"):
         if not storage.fs.exists(bucket):
             storage.fs.mkdir(bucket)

@@ -37,17 +37,30 @@ from granet_ray.ui.progress import RunView
 _PRIVATE = {"local": False}
 
 
-def connect(address: str | None = None, *, dashboard: bool = False) -> None:
-    """Connect this driver to Ray: to ``address`` or ``$RAY_ADDRESS`` (a cluster, or the
-    cluster a ``ray job submit`` job runs on), else start a private local Ray instance with
-    this machine's CPUs (auth and usage stats off; worker logs stay in Ray's log folder,
-    failures still reach the driver as exceptions).
+def connect(
+    address: str | None = None,
+    *,
+    dashboard: bool = False,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+) -> None:
+    """Connect this driver to Ray, unless it already is.
 
-    ``dashboard=True`` (sweeps) also starts the local dashboard on a free loopback port: Ray
-    Train gives back the CPUs of a trial that ASHA stopped through the dashboard's state API,
-    so the instance's processes are pointed at their own dashboard
-    (``RAY_API_SERVER_ADDRESS``), which other Ray instances on the machine cannot then be
-    mistaken for."""
+    To ``address`` or ``$RAY_ADDRESS`` (a cluster, or the cluster a ``ray job submit`` job
+    runs on), else a private local Ray instance (auth and usage stats off; worker logs stay
+    in Ray's log folder, failures still reach the driver as exceptions). A private instance
+    has all the CPUs and GPUs it will ever have, so ``fit`` refuses a run it cannot hold.
+
+    Args:
+        address: a Ray cluster's address.
+        dashboard: also start the local dashboard on a free loopback port (sweeps: Ray Train
+            gives back the CPUs of a trial ASHA stopped through the dashboard's state API);
+            the instance's processes are pointed at their own dashboard
+            (``RAY_API_SERVER_ADDRESS``), which no other Ray instance on the machine can then
+            be mistaken for.
+        num_cpus: CPUs of a private instance (default: the machine's).
+        object_store_memory: bytes of a private instance's object store (default: Ray's).
+    """
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
@@ -56,20 +69,23 @@ def connect(address: str | None = None, *, dashboard: bool = False) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     _PRIVATE["local"] = True
-    if not dashboard:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(
-        address="local",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-        log_to_driver=False,
-    )
+    options: dict[str, Any] = {
+        "address": "local",
+        "num_cpus": num_cpus,
+        "object_store_memory": object_store_memory,
+        "include_dashboard": dashboard,
+        "log_to_driver": False,
+    }
+    if dashboard:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        options.update(
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        )
+    ray.init(**options)
 
 
 def progress_queue() -> Queue:
