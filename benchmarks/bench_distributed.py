@@ -10,8 +10,8 @@
    exact mask check + re-masking, i.e. ``engine.step()`` on an update step) / one training
    step (forward, backward, DDP all-reduce, optimizer step, ``engine.step()``), 2 gloo
    processes. Goal <= 1.0.
-3. Exact mask check on ResNet-50 masks (spec section 5: bit-packed masks, one all-reduce
-   MAX of them and their complement): seconds of ``DistributedSync.check`` per update and
+3. Exact mask check on ResNet-50 masks (docs/algorithm.md section 5: bit-packed masks, one
+   all-reduce MAX of them and their complement): seconds of ``DistributedSync.check`` per update and
    relative to one ResNet-50 DDP training step at batch 2 x 224 x 224, 2 gloo processes.
 
     .venv/bin/python benchmarks/bench_distributed.py

@@ -5,7 +5,7 @@ length or global batch, and preset files.
 Units: densities are fractions of weights kept, in (0, 1]; ``update_interval`` is in global
 optimizer steps; ``prune_start``, ``prune_end``, ``regrow_end``, ``epochs`` and
 ``warmup_epochs`` are in epochs of the run's global batch, so a schedule means the same at
-any number of workers (spec section 5). No Ray, no torch.
+any number of workers (docs/algorithm.md section 5). No Ray, no torch.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One sparse-training method (spec section 4).
+    """One sparse-training method (docs/algorithm.md section 4).
 
     start: where the initial masks come from: ``init`` (d_i), ``dense`` (1.0) or ``final``
     (d_f). allocation: per-layer initial densities forced by the method (None: the config's
@@ -188,7 +188,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class GraNetConfig:
-    """The sparse-training method and its schedule (spec sections 1-4).
+    """The sparse-training method and its schedule (docs/algorithm.md sections 1-4).
 
     method: a row of ``METHODS``. init_density: d_i (1.0 = dense-to-sparse); only the
     methods that start at ``init`` use it (see ``start_density``). final_density: d_f.
@@ -298,19 +298,19 @@ class GraNetConfig:
 
     @property
     def start_density(self) -> float:
-        """Density of the initial masks for this method (spec section 4)."""
+        """Density of the initial masks for this method (docs/algorithm.md section 4)."""
         return {"init": self.init_density, "dense": 1.0, "final": self.final_density}[
             self.spec.start
         ]
 
     @property
     def prunes(self) -> bool:
-        """Whether the method prunes gradually (spec 3a)."""
+        """Whether the method prunes gradually (docs/algorithm.md section 3a)."""
         return self.spec.prune is not None
 
     @property
     def regrows(self) -> bool:
-        """Whether the method regrows (spec 3b)."""
+        """Whether the method regrows (docs/algorithm.md section 3b)."""
         return self.spec.regrow is not None
 
     @property
@@ -367,8 +367,9 @@ class TrainConfig:
 
     train_size: keep only that many training samples (None: all; synthetic data: its size).
     global_batch: B, samples per optimizer step over all workers; each of W workers takes
-    B / W (spec section 5). max_batch_per_worker: the most one worker's forward pass takes;
-    beyond it the worker accumulates gradients over several micro-batches (None: no limit).
+    B / W (docs/algorithm.md section 5). max_batch_per_worker: the most one worker's forward
+    pass takes; beyond it the worker accumulates gradients over several micro-batches (None:
+    no limit).
     lr_milestones: epochs where the LR is multiplied by lr_gamma; warmup_epochs: linear
     warm-up from 0 first. weight_decay_norm=False: no weight decay on normalization layers.
     precision: fp32 | fp16 | bf16 autocast (GradScaler for fp16 only), or auto: bf16 where the
@@ -377,9 +378,7 @@ class TrainConfig:
     sync_bn: SyncBatchNorm across workers (for small per-worker batches).
     sparse_allreduce: under DDP, all-reduce only the gradients of active weights between mask
     updates (``distributed.SparseAllReduce``; bit-identical results on 2 workers). On by
-    default: it sends about density x the gradient bytes, and on CPU / gloo it was never
-    slower than plain DDP (``benchmarks/bench_allreduce.py``, density 0.1, 2 processes:
-    median step time 0.97-0.997 x for ResNet-20, 0.95-0.99 x for VGG-19-BN).
+    default: it sends about density x the gradient bytes (figures: docs/communication.md).
     """
 
     model: str = "mnist_convnet"
@@ -586,9 +585,18 @@ PRESETS: dict[str, TrainConfig] = {
 
 
 def preset(name: str) -> TrainConfig:
-    """The paper's settings (spec section 7) by name: ``cifar10_resnet20``, ``cifar10_vgg19``,
-    ``imagenet_resnet50`` (global batch 128 = the paper's 2 x 64), plus ``mnist_demo`` for
-    the offline demo."""
+    """The paper's settings (docs/algorithm.md section 7) by name.
+
+    Args:
+        name: ``cifar10_resnet20``, ``cifar10_vgg19``, ``imagenet_resnet50`` (global batch
+            128 = the paper's 2 x 64), or ``mnist_demo`` (the offline demo).
+
+    Returns:
+        The preset's ``TrainConfig``.
+
+    Raises:
+        ConfigError: an unknown name.
+    """
     if name not in PRESETS:
         raise fail("preset", name, f"one of {', '.join(PRESETS)}")
     return PRESETS[name]
@@ -622,7 +630,7 @@ def with_epochs(train: TrainConfig, epochs: int) -> TrainConfig:
 
 
 def with_global_batch(train: TrainConfig, global_batch: int) -> TrainConfig:
-    """``train`` at another global batch B' (spec section 5): the LR scaled linearly
+    """``train`` at another global batch B' (docs/algorithm.md section 5): the LR scaled linearly
     (x B' / B, warm-up kept) and ``update_interval`` inversely (x B / B', at least 1), so mask
     updates stay at the same points in epochs."""
     check(

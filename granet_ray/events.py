@@ -1,7 +1,8 @@
 """What a run tells those who watch it, typed and named in one place: the metrics every epoch
-reports (to Ray Train, Tune, ``history.json`` and the display) and the progress events a run
-sends while it trains. Plain data, no Ray, no torch: the events are pickled onto Ray's queue
-from worker rank 0 to the driver, the metrics are reported as plain dicts.
+reports (to Ray Train, Tune, ``history.json`` and the display), the progress events a run
+sends while it trains, and the outcome of a finished run. Plain data, no Ray, no torch: the
+events are pickled onto Ray's queue from worker rank 0 to the driver, the metrics are
+reported as plain dicts.
 """
 
 from __future__ import annotations
@@ -93,3 +94,26 @@ class Resized:
 
 
 Event = Started | Stepped | EpochEnded | Resized
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """What a finished run produced.
+
+    metrics: the last epoch's report (accuracy, density, FLOPs, ...). checkpoint_uri: the
+    final checkpoint (open it with ``granet_ray.load_sparse``); checkpoint_bytes: its size.
+    summary: ``GraNet.summary()`` at the end (per-layer rows, relative FLOPs). history:
+    per-mask-update statistics; epochs: per-epoch metrics; resizes: the elastic restarts.
+    run_uri: the run's folder, which also holds ``history.json`` and ``training.png``.
+    """
+
+    name: str
+    metrics: dict[str, Any]
+    checkpoint_uri: str
+    checkpoint_bytes: int
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+    resizes: list[dict[str, Any]]
+    run_uri: str
+    plot_uri: str

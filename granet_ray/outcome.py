@@ -6,7 +6,6 @@ checkpoint loads back into a fresh model and keeps its accuracy."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from granet_ray.config import RunSettings, TrainConfig
 from granet_ray.data import build_datasets
+from granet_ray.events import FitOutcome
 from granet_ray.models import build_model
 from granet_ray.recipe import evaluate_model
 from granet_ray.store import load_sparse, open_storage
@@ -22,29 +22,6 @@ from granet_ray.ui.plots import training_plot
 
 PLOT_NAME = "training.png"
 HISTORY_NAME = "history.json"
-
-
-@dataclass(frozen=True)
-class FitOutcome:
-    """What a finished run produced.
-
-    metrics: the last epoch's report (accuracy, density, FLOPs, ...). checkpoint_uri: the
-    final checkpoint (open it with ``granet_ray.load_sparse``); checkpoint_bytes: its size.
-    summary: ``GraNet.summary()`` at the end (per-layer rows, relative FLOPs). history:
-    per-mask-update statistics; epochs: per-epoch metrics; resizes: the elastic restarts.
-    run_uri: the run's folder, which also holds ``history.json`` and ``training.png``.
-    """
-
-    name: str
-    metrics: dict[str, Any]
-    checkpoint_uri: str
-    checkpoint_bytes: int
-    summary: dict[str, Any]
-    history: list[dict[str, Any]]
-    epochs: list[dict[str, Any]]
-    resizes: list[dict[str, Any]]
-    run_uri: str
-    plot_uri: str
 
 
 def finish(train: TrainConfig, run: RunSettings, checkpoint_uri: str) -> FitOutcome:

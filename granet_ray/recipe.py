@@ -3,8 +3,8 @@ model, optimizer, LR schedule, GraNet engine, precision, seeding) and ``run_epoc
 it, with small ``Hooks`` for what differs between a process of its own and a Ray Train
 worker (progress, reports, checkpoints, the distributed sync). No Ray, no I/O.
 
-Every schedule counts global optimizer steps of ``global_batch`` samples (spec section 5):
-on W workers each step is the same samples, dealt out B / W each (``data.sharding``); a
+Every schedule counts global optimizer steps of ``global_batch`` samples (docs/algorithm.md
+section 5): on W workers each step is the same samples, dealt out B / W each (``data.sharding``); a
 worker whose share exceeds ``max_batch_per_worker`` accumulates gradients over micro-batches.
 Losses are normalized by the step's global size, so the all-reduced gradient is the mean
 over the step's samples at any W. Between mask updates the loop never waits for the device:
@@ -86,8 +86,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (Nesterov momentum) or Adam. With ``weight_decay_norm=False`` the parameters of
-    normalization layers (BatchNorm, GroupNorm, LayerNorm, ...) get no weight decay."""
+    normalization layers (BatchNorm, GroupNorm, LayerNorm, ...) get no weight decay. On CUDA
+    the fused implementation: one kernel per step, and a GradScaler hands it the overflow flag
+    on the device instead of reading it every step."""
     params = [p for p in model.parameters() if p.requires_grad]
+    fused: dict[str, Any] = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if cfg.weight_decay_norm:
         groups: list[dict[str, Any]] = [{"params": params}]
     else:
@@ -102,13 +105,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0},
         ]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     return torch.optim.SGD(
         groups,
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
+        **fused,
     )
 
 
@@ -300,6 +304,8 @@ def build_run(
         steps_per_epoch=plan.steps_per_epoch,
         sync=sync,
     )
+    if train.compile:  # FLOPs by one eager forward, so the compiled graph holds no hook
+        engine.measure_flops(torch.zeros(1, *data.input_shape, device=device))
     allreduce = register_sparse_allreduce(model, engine) if train.sparse_allreduce else None
     precision = resolve_precision(train.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None

@@ -1,5 +1,5 @@
 """ResNet-20 (or, with --model vgg19_bn, VGG-19-BN) on CIFAR-10 with GraNet, the paper's
-preset (spec section 7), on Ray Train workers.
+preset (docs/algorithm.md section 7), on Ray Train workers.
 
     ray job submit --working-dir . -- python jobs/cifar10_resnet20.py \\
         --data-root /data/cifar10 --model vgg19_bn --final-density 0.05 --num-workers 4

@@ -1,5 +1,5 @@
-"""ResNet-50 on ImageNet with GraNet, the paper's preset (spec section 7: global batch 128,
-the paper's 2 x 64, at any number of workers), on a Ray cluster.
+"""ResNet-50 on ImageNet with GraNet, the paper's preset (docs/algorithm.md section 7: global
+batch 128, the paper's 2 x 64, at any number of workers), on a Ray cluster.
 
     ray job submit --working-dir . -- python jobs/imagenet_resnet50.py \\
         --data-root /mnt/imagenet --storage s3://my-bucket/granet --num-workers 8 \\

@@ -1,4 +1,5 @@
-"""Invariants of ERK / uniform allocation and exact-count seeded initial masks (spec section 1)."""
+"""Invariants of ERK / uniform allocation and exact-count seeded initial masks
+(docs/algorithm.md section 1)."""
 
 from __future__ import annotations
 

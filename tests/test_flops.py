@@ -1,5 +1,5 @@
-"""FLOPs by hand (spec section 6): dense forward FLOPs per layer, inference FLOPs relative to
-dense, and training FLOPs as the step average of sum_l f_l d_l(t) / sum_l f_l."""
+"""FLOPs by hand (docs/algorithm.md section 6): dense forward FLOPs per layer, inference FLOPs
+relative to dense, and training FLOPs as the step average of sum_l f_l d_l(t) / sum_l f_l."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The training recipe (``granet_ray.recipe``): the LR schedule and optimizer, the plan of
-global steps, gradient accumulation, the global-batch recipe on real gloo processes (spec
-section 5), ``run_epochs`` with its hooks and a mid-epoch resume, precision on the CPU, and
-no host syncs between mask updates. No Ray."""
+global steps, gradient accumulation, the global-batch recipe on real gloo processes
+(docs/algorithm.md section 5), ``run_epochs`` with its hooks and a mid-epoch resume,
+precision on the CPU, and no host syncs between mask updates. No Ray."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from processes import gloo_workers
-from tiny import tiny_train
+from tiny import small_train, tiny_train
 from tiny import weights as _weights
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -49,16 +49,6 @@ Tensors = dict[str, torch.Tensor]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cfg(**kw: Any) -> TrainConfig:
-    base: dict[str, Any] = {
-        "epochs": 10,
-        "lr": 0.1,
-        "granet": GraNetConfig(prune_end=5, update_interval=2),
-    }
-    base.update(kw)
-    return TrainConfig(**base)
-
-
 def _grads(run: Run) -> Tensors:
     return {n: p.grad.detach().clone() for n, p in run.net.named_parameters() if p.grad is not None}
 
@@ -83,7 +73,7 @@ def _assert_masked(run: Run) -> None:
 
 
 def test_lr_factor_warmup_then_milestones() -> None:
-    cfg = _cfg(warmup_epochs=2, lr_milestones=(5, 8), lr_gamma=0.1)
+    cfg = small_train(warmup_epochs=2, lr_milestones=(5, 8), lr_gamma=0.1)
     spe = 4  # warm-up is 8 steps; milestones at steps 20 and 32
     for step in range(8):
         assert lr_factor(step, cfg, spe) == pytest.approx((step + 1) / 8)
@@ -97,14 +87,14 @@ def test_lr_factor_warmup_then_milestones() -> None:
 
 
 def test_lr_factor_without_warmup() -> None:
-    cfg = _cfg(lr_milestones=(3,), lr_gamma=0.5)
+    cfg = small_train(lr_milestones=(3,), lr_gamma=0.5)
     assert [lr_factor(s, cfg, 10) for s in (0, 29, 30, 99)] == [1.0, 1.0, 0.5, 0.5]
-    assert lr_factor(0, _cfg(lr_milestones=()), 10) == 1.0  # no milestones, no warm-up
-    assert lr_factor(99, _cfg(lr_milestones=()), 10) == 1.0
+    assert lr_factor(0, small_train(lr_milestones=()), 10) == 1.0  # no milestones, no warm-up
+    assert lr_factor(99, small_train(lr_milestones=()), 10) == 1.0
 
 
 def test_lr_schedule_drives_the_optimizer_per_step() -> None:
-    cfg = _cfg(warmup_epochs=1, lr_milestones=(2,), lr_gamma=0.1)
+    cfg = small_train(lr=0.1, warmup_epochs=1, lr_milestones=(2,), lr_gamma=0.1)
     model = nn.Linear(2, 2)
     opt = build_optimizer(model, cfg)
     sched = build_lr_schedule(opt, cfg, steps_per_epoch=5)
@@ -119,21 +109,22 @@ def test_lr_schedule_drives_the_optimizer_per_step() -> None:
 
 def test_build_optimizer() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    sgd = build_optimizer(model, _cfg(momentum=0.9, nesterov=True, weight_decay=5e-4))
+    sgd = build_optimizer(model, small_train(momentum=0.9, nesterov=True, weight_decay=5e-4))
     assert isinstance(sgd, torch.optim.SGD)
     assert sgd.param_groups[0]["nesterov"] is True and sgd.param_groups[0]["momentum"] == 0.9
     assert sgd.param_groups[0]["weight_decay"] == 5e-4
-    plain = build_optimizer(model, _cfg(momentum=0.0, nesterov=True))
+    plain = build_optimizer(model, small_train(momentum=0.0, nesterov=True))
     assert plain.param_groups[0]["nesterov"] is False  # Nesterov needs momentum
-    no_norm_wd = build_optimizer(model, _cfg(weight_decay=1e-4, weight_decay_norm=False))
+    no_norm_wd = build_optimizer(model, small_train(weight_decay=1e-4, weight_decay_norm=False))
     by_id = {id(p): g["weight_decay"] for g in no_norm_wd.param_groups for p in g["params"]}
     norm_params = {id(p) for p in model[1].parameters()}
     assert set(by_id) == {id(p) for p in model.parameters()}  # every parameter once
-    for p in model.parameters():  # spec 7: no weight decay on norm layers (biases keep it)
+    # docs/algorithm.md section 7: no weight decay on norm layers (biases keep it)
+    for p in model.parameters():
         assert by_id[id(p)] == (0.0 if id(p) in norm_params else 1e-4)
-    adam = build_optimizer(model, _cfg(optimizer="adam", lr=0.01))
+    adam = build_optimizer(model, small_train(optimizer="adam", lr=0.01))
     assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 0.01
-    build_optimizer(nn.Linear(2, 2), _cfg(weight_decay_norm=False)).step()  # no norm layers
+    build_optimizer(nn.Linear(2, 2), small_train(weight_decay_norm=False)).step()  # no norm layers
 
 
 def test_epochs_decrease_the_loss_and_step_the_engine_once_per_global_step() -> None:
@@ -181,13 +172,15 @@ def test_epochs_decrease_the_loss_and_step_the_engine_once_per_global_step() -> 
 def test_plan_counts_global_steps_of_the_global_batch_at_any_worker_count(
     size: int, batch: int, spe: int
 ) -> None:
-    train = _cfg(global_batch=batch, epochs=3, lr_milestones=(), granet=GraNetConfig(prune_end=2))
+    train = small_train(
+        global_batch=batch, epochs=3, lr_milestones=(), granet=GraNetConfig(prune_end=2)
+    )
     plans = {plan_run(train, size, w) for w in (1, 2, 4, 8)}
     assert plans == {Plan(size, batch, spe, 3 * spe)}
 
 
 def test_plan_refuses_a_global_batch_that_leaves_a_worker_without_a_sample() -> None:
-    train = _cfg(global_batch=8, lr_milestones=(), granet=GraNetConfig(prune_end=2))
+    train = small_train(global_batch=8, lr_milestones=(), granet=GraNetConfig(prune_end=2))
     assert plan_run(train, 100, 4).steps_per_epoch == 13  # 12 steps of 8, then one of 4
     with pytest.raises(ConfigError, match=r"^global_batch=8 is invalid") as err:
         plan_run(train, 100, 8)
@@ -290,13 +283,15 @@ def _gloo_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def gloo(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
-    """The traces of a 1-process reference and of every rank of 2 and 4 gloo processes."""
+    """The traces of a 1-process reference and of every rank of 2 and 4 gloo processes (5
+    processes on 2 cores: the tests that use it are marked slow)."""
     out = tmp_path_factory.mktemp("gloo")
     traces = {1: [_trace(build_run(GLOO_TRAIN, device=CPU))]}
     ranks = gloo_workers(_gloo_worker, 4, out)
     return {**traces, 2: [ranks[r][2] for r in range(2)], 4: [ranks[r][4] for r in range(4)]}
 
 
+@pytest.mark.slow
 def test_the_same_steps_lr_and_mask_updates_at_any_number_of_workers(
     gloo: dict[int, list[dict[str, Any]]],
 ) -> None:
@@ -320,13 +315,15 @@ def test_the_same_steps_lr_and_mask_updates_at_any_number_of_workers(
                 assert loss == pytest.approx(ref["losses"][0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_workers_agree_exactly_and_match_one_process(
     gloo: dict[int, list[dict[str, Any]]],
 ) -> None:
     (ref,) = gloo[1]
     for world in (2, 4):
         first = gloo[world][0]
-        for other in gloo[world][1:]:  # bit-identical masks on every worker (spec 5)
+        # bit-identical masks on every worker (docs/algorithm.md section 5)
+        for other in gloo[world][1:]:
             for key in ("first_masks", "masks"):
                 for name, mask in first[key].items():
                     assert torch.equal(mask, other[key][name]), (world, key, name)

@@ -1,4 +1,5 @@
-"""Invariants of the cubic pruning schedule and the cosine regrowth fraction (spec section 3)."""
+"""Invariants of the cubic pruning schedule and the cosine regrowth fraction
+(docs/algorithm.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The global-batch order of an epoch and every worker's share of it (spec section 5):
+"""The global-batch order of an epoch and every worker's share of it (docs/algorithm.md section 5):
 the steps of an epoch and the samples of each step are the same at any number of workers,
 every sample is seen once per epoch, and a run resumes from any step on any number of
 workers. Pure numpy (one DataLoader check)."""

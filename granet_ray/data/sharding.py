@@ -1,4 +1,4 @@
-"""The global-batch order of an epoch and each worker's share of it (spec section 5).
+"""The global-batch order of an epoch and each worker's share of it (docs/algorithm.md section 5).
 
 An epoch is one permutation of the training set, seeded by (seed, epoch) alone, cut into
 global steps of ``global_batch`` samples; worker ``rank`` of ``world`` takes a contiguous

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from granet_ray.events import FitOutcome
+
 if TYPE_CHECKING:
-    from granet_ray.outcome import FitOutcome
     from granet_ray.store.summary import CheckpointSummary
 
 
