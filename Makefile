@@ -1,11 +1,12 @@
-# Quick start: `make run` (the main job on embedded defaults) and `make test` (the test suite).
+# Quick start: `make run` (the main job on embedded defaults), `make test` (the test suite) and
+# `make test-fast` (the tests that need no Ray, no S3 server and are not marked slow).
 # Each target creates the project-local virtual environment .venv first when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check granet_ray jobs tests benchmarks
 	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check granet_ray jobs tests benchmarks
+	$(PY) -m pytest -m "not ray and not s3 and not slow"
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done

@@ -4,24 +4,17 @@ to ``out/<rank>.pt``) and returns every rank's results."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from ports import free_port
 
 # A fork server that imports these once starts each worker in well under a second (a plain
 # spawn imports torch and torch._dynamo, pulled in by the optimizer, in every process).
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "granet_ray.recipe"]
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gloo_workers(

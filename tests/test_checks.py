@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import free_port
+from ports import free_port
 
 from granet_ray.checks import check_storage, preflight
 from granet_ray.config import ConfigError, RunSettings, preset
@@ -57,7 +57,6 @@ def test_storage_probe_rejects_an_unwritable_folder(where: str, tmp_path: Path) 
         check_storage(RunSettings(storage_path=where))
 
 
-@pytest.mark.s3
 def test_storage_probe_on_s3(seaweedfs: SeaweedFS, s3_prefix: str) -> None:
     good = seaweedfs.storage_options
     check_storage(RunSettings(storage_path=s3_prefix, storage_options=good))

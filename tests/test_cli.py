@@ -51,7 +51,6 @@ def test_inspect_reports_a_damaged_checkpoint_as_an_error(checkpoint, capsys) ->
     assert main(["ckpt", "inspect", uri, "--no-verify"]) == 0  # the manifest alone is fine
 
 
-@pytest.mark.s3
 def test_inspect_on_s3_with_storage_options(seaweedfs, s3_prefix, capsys) -> None:
     model, masks = masked_net()
     uri = save_sparse(model, s3_prefix, masks=masks, storage_options=seaweedfs.storage_options)

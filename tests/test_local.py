@@ -17,6 +17,7 @@ from granet_ray.recipe import Hooks, Run, StepInfo
 from granet_ray.store import list_checkpoints, load_sparse
 
 
+@pytest.mark.slow
 def test_granet_reaches_high_accuracy_at_90_percent_sparsity_on_mnist5k(tmp_path: Path) -> None:
     train = preset("mnist_demo")  # granet, ERK d_i = 0.5 -> d_f = 0.1, 8 epochs
     console = Console(record=True, width=160)

@@ -6,13 +6,13 @@ import hashlib
 import json
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
 from fixtures_s3 import StorageRoot, masked_net, small_net
+from ports import free_port
 from torch import nn
 
 import granet_ray.store as store
@@ -347,9 +347,7 @@ def test_storage_options_for_a_local_path(tmp_path: Path) -> None:
 
 
 def test_unreachable_endpoint() -> None:
-    with socket.socket() as s:  # a port that nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it
     options = {
         "key": "k",
         "secret": "s",
@@ -362,7 +360,6 @@ def test_unreachable_endpoint() -> None:
         load_sparse("s3://bucket/ck", storage_options=options)
 
 
-@pytest.mark.s3
 def test_wrong_credentials(seaweedfs, s3_prefix: str) -> None:
     model, masks = masked_net()
     uri = save_sparse(model, s3_prefix, masks=masks, storage_options=seaweedfs.storage_options)
@@ -374,7 +371,6 @@ def test_wrong_credentials(seaweedfs, s3_prefix: str) -> None:
         save_sparse(model, f"{s3_prefix}/other", masks=masks, storage_options=unknown)
 
 
-@pytest.mark.s3
 def test_missing_bucket(seaweedfs) -> None:
     with pytest.raises(BucketNotFoundError, match=r"bucket 'no-such-bucket' does not exist"):
         load_sparse("s3://no-such-bucket/ck", storage_options=seaweedfs.storage_options)

@@ -28,8 +28,6 @@ from granet_ray.tune import sweep
 from granet_ray.tune.driver import RESULTS_DIR, RUNS_DIR, SweepOutcome
 from granet_ray.tune.space import load_space
 
-pytestmark = pytest.mark.ray
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,6 +1,7 @@
-"""The tiny training run many tests share, and the one-thread fixture they run under: a
-conv net on 96 synthetic samples, two epochs of three global steps of 32, masks 0.5 -> 0.2
-with a mask update every 2 steps (the prune lands at step 2, regrowth at 2 and 4)."""
+"""The test configs and the one-thread fixture tests run under. ``small_train``: a valid
+TrainConfig for tests that only read one. ``tiny_train``: the tiny training run many tests
+share, a conv net on 96 synthetic samples, two epochs of three global steps of 32, masks
+0.5 -> 0.2 with a mask update every 2 steps (the prune lands at step 2, regrowth at 2 and 4)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,16 @@ from granet_ray.recipe import Run
 Tensors = dict[str, torch.Tensor]
 
 
+def small_train(**changes: Any) -> TrainConfig:
+    """The defaults (the MNIST-5k demo) over 10 epochs with the GraNet window ending at epoch
+    5: valid, with room for milestones and warm-up; ``changes`` replace fields."""
+    return TrainConfig(**{"epochs": 10, "granet": GraNetConfig(prune_end=5), **changes})
+
+
 def tiny_train(**changes: Any) -> TrainConfig:
     """The MNIST conv net on synthetic MNIST-shaped data, fp32, contiguous; ``changes``
     replace fields (e.g. ``model="resnet20", dataset="synthetic_cifar10"``)."""
-    base: dict[str, Any] = {
+    tiny: dict[str, Any] = {
         "model": "mnist_convnet",
         "dataset": "synthetic_mnist5k",
         "train_size": 96,
@@ -33,8 +40,7 @@ def tiny_train(**changes: Any) -> TrainConfig:
             init_density=0.5, final_density=0.2, update_interval=2, prune_start=0, prune_end=1
         ),
     }
-    base.update(changes)
-    return TrainConfig(**base)
+    return small_train(**{**tiny, **changes})
 
 
 def weights(run: Run) -> Tensors:
