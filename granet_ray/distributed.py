@@ -112,11 +112,11 @@ class DistributedSync:
         return bool(value.item())
 
     def check(self, masks: Tensors, step: int) -> None:
-        """Compare every worker's masks bit for bit (spec section 5): one all-reduce MAX of the
-        packed masks and of their complement gives each byte's max and min over the workers
-        at once; the workers agree iff max == min everywhere. Raises ``MaskDivergenceError``
-        on every worker, naming the first layer (by name) that differs and at how many of its
-        positions. One host sync when the masks agree."""
+        """Compare every worker's masks bit for bit (docs/algorithm.md section 5): one
+        all-reduce MAX of the packed masks and of their complement gives each byte's max and
+        min over the workers at once; the workers agree iff max == min everywhere. Raises
+        ``MaskDivergenceError`` on every worker, naming the first layer (by name) that differs
+        and at how many of its positions. One host sync when the masks agree."""
         packed, sizes = pack_masks(masks, self.device)
         both = torch.cat([packed, ~packed])  # ~x == 255 - x: MAX of it is 255 - MIN of x
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
@@ -155,17 +155,20 @@ def packed_offsets(
     offsets: Sequence[int],
     numel: int,
     masks: Mapping[int, torch.Tensor],
+    counts: Mapping[int, int],
 ) -> torch.Tensor | None:
     """The flat positions, in increasing order, of a DDP bucket of ``numel`` entries that
     travel packed: every entry of a parameter without a mask and the active entries of one
-    with a mask (``masks``: bool masks by ``id(parameter)``). ``offsets``: where each of
-    ``params`` starts in the bucket. A parameter lies in the bucket in its memory order
-    (channels-last too), as DDP lays it out. None when every entry travels. Waits for the
-    device (once per parameter with a mask)."""
+    with a mask (``masks``: bool masks by ``id(parameter)``; ``counts``: their active counts,
+    known to the host). ``offsets``: where each of ``params`` starts in the bucket. A
+    parameter lies in the bucket in its memory order (channels-last too), as DDP lays it out.
+    None when every entry travels. No host sync: the positions are a stable sort of the
+    bucket's entries, the travelling ones first, cut at their known number."""
     send: torch.Tensor | None = None
+    stay = 0
     for param, offset in zip(params, offsets, strict=True):
         mask = masks.get(id(param))
-        if mask is None or bool(mask.all()):
+        if mask is None or counts[id(param)] == param.numel():
             continue
         if send is None:
             send = torch.ones(numel, dtype=torch.bool, device=mask.device)
@@ -174,14 +177,28 @@ def packed_offsets(
         else:
             view = send[offset : offset + param.numel()].view(param.shape)
         view.copy_(mask)
-    return None if send is None else send.nonzero().view(-1)
+        stay += param.numel() - counts[id(param)]
+    if send is None:
+        return None
+    order = torch.argsort(send.logical_not().to(torch.uint8), stable=True)
+    return order[: numel - stay].clone()  # not a view: the stay positions' memory goes
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a DDP bucket's gradients lie: its parameters, their offsets and its size."""
+
+    params: tuple[torch.Tensor, ...]
+    offsets: tuple[int, ...]
+    numel: int
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """A bucket's parameters (by ``id``) and its ``packed_offsets``."""
+    """A bucket's parameters (by ``id``), its layout and its ``packed_offsets``."""
 
     params: tuple[int, ...]
+    layout: _Layout
     index: torch.Tensor | None
 
 
@@ -189,14 +206,16 @@ class SparseAllReduce:
     """The state of a DDP communication hook that all-reduces only the active gradients.
 
     Between two mask updates every worker holds the same masks (checked after each update,
-    spec section 5), so the entries of a gradient bucket that belong to active weights, and
-    every entry of parameters without a mask (biases, norms, layers kept dense), travel
-    packed in the same order on every worker, with no indices; the other entries come back
-    as 0 (their weights are masked anyway). At a step whose dense gradients the engine reads
-    (``engine.reads_gradients``: a regrowth by gradient, due or postponed) and while every
-    mask of a bucket is all ones, the whole bucket travels. The packing is rebuilt whenever
-    the engine's masks change (it replaces ``engine.masks`` at every change) and whenever DDP
-    rebuilds its buckets (after the first step).
+    docs/algorithm.md section 5), so the entries of a gradient bucket that belong to active
+    weights, and every entry of parameters without a mask (biases, norms, layers kept
+    dense), travel packed in the same order on every worker, with no indices; the other
+    entries come back as 0 (their weights are masked anyway). At a step whose dense
+    gradients the engine reads (``engine.reads_gradients``: a regrowth by gradient, due or
+    postponed) and while every mask of a bucket is all ones, the whole bucket travels. The
+    packing of every bucket seen so far is rebuilt when the engine's masks change (an
+    ``engine.mask_listeners`` entry: at the mask update, not inside the next backward), a
+    bucket's own when DDP rebuilds its buckets (after the first step); building it never
+    waits for the device (``packed_offsets``), so backward holds no host sync.
 
     Exact: each travelling entry is x 1/W and then summed, as DDP's reducer does, so on 2
     workers it is bit-identical to plain DDP's. Two more elements per packed bucket, its min
@@ -226,7 +245,9 @@ class SparseAllReduce:
         self.bytes_dense = 0
         self._masks: Tensors | None = None  # the engine.masks the plans were built from
         self._by_param: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
         self._plans: dict[int, _Plan] = {}  # by bucket index
+        engine.mask_listeners.append(self.refresh)
 
     @staticmethod
     def hook(
@@ -235,20 +256,33 @@ class SparseAllReduce:
         """The function ``DistributedDataParallel.register_comm_hook`` calls per bucket."""
         return state.all_reduce(bucket)
 
-    def _plan(self, bucket: dist.GradBucket) -> _Plan:
+    def _build(self, layout: _Layout) -> _Plan:
+        index = packed_offsets(
+            layout.params, layout.offsets, layout.numel, self._by_param, self._counts
+        )
+        return _Plan(tuple(id(p) for p in layout.params), layout, index)
+
+    def refresh(self) -> None:
+        """Rebuild every known bucket's packing from the engine's current masks (the engine
+        calls it after each change of its masks)."""
         engine = self.engine
-        if engine.masks is not self._masks:
-            self._masks = engine.masks
-            self._by_param = {id(engine.params[n]): m for n, m in engine.masks.items()}
-            self._plans = {}
+        self._masks = engine.masks
+        self._by_param = {id(engine.params[n]): m for n, m in engine.masks.items()}
+        counts = engine.active_counts()
+        self._counts = {id(engine.params[n]): c for n, c in counts.items()}
+        self._plans = {i: self._build(plan.layout) for i, plan in self._plans.items()}
+
+    def _plan(self, bucket: dist.GradBucket) -> _Plan:
+        if self.engine.masks is not self._masks:
+            self.refresh()
         params = bucket.parameters()
         ids = tuple(id(p) for p in params)
         plan = self._plans.get(bucket.index())
         if plan is None or plan.params != ids:
             base = bucket.buffer().storage_offset()
-            offsets = [g.storage_offset() - base for g in bucket.gradients()]
-            index = packed_offsets(params, offsets, bucket.buffer().numel(), self._by_param)
-            plan = self._plans[bucket.index()] = _Plan(ids, index)
+            offsets = tuple(g.storage_offset() - base for g in bucket.gradients())
+            layout = _Layout(tuple(params), offsets, bucket.buffer().numel())
+            plan = self._plans[bucket.index()] = self._build(layout)
         return plan
 
     def all_reduce(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

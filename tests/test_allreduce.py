@@ -222,7 +222,8 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Both workers' traces of every scenario (one fork-server start for the module)."""
+    """Both workers' traces of every scenario (one fork-server start for the module); about
+    50 s on the 2-core machine, so the tests that use it are marked slow."""
     out = tmp_path_factory.mktemp("allreduce")
     return gloo_workers(_worker, 2, out)
 
@@ -285,6 +286,7 @@ def _bucket_bytes(
     return size * (numel + kept + 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["d2s", "s2s"])
 def test_a_whole_run_is_bit_for_bit_the_run_without_the_hook(
     workers: list[dict[str, Any]], scenario: str
@@ -297,6 +299,7 @@ def test_a_whole_run_is_bit_for_bit_the_run_without_the_hook(
     _assert_same(workers[0][scenario][1]["weights"], workers[1][scenario][1]["weights"], "ranks")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["d2s", "s2s"])
 def test_gradients_are_plain_ddps_where_they_travel_and_zero_elsewhere(
     workers: list[dict[str, Any]], scenario: str
@@ -308,6 +311,7 @@ def test_gradients_are_plain_ddps_where_they_travel_and_zero_elsewhere(
         assert dense == UPDATES[scenario]  # exactly the steps whose update regrows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["d2s", "s2s", "inactive_inf", "sparse_bf16"])
 def test_the_byte_count_is_the_packed_sizes(workers: list[dict[str, Any]], scenario: str) -> None:
     """bytes_sent: per bucket all its entries or its active and unmasked ones plus 2;
@@ -332,6 +336,7 @@ def test_the_byte_count_is_the_packed_sizes(workers: list[dict[str, Any]], scena
         assert buckets[1] != buckets[2] == buckets[3] and len(buckets[2]) > 1
 
 
+@pytest.mark.slow
 def test_the_dense_phase_of_a_dense_to_sparse_run_sends_every_gradient(
     workers: list[dict[str, Any]],
 ) -> None:
@@ -347,6 +352,7 @@ def test_the_dense_phase_of_a_dense_to_sparse_run_sends_every_gradient(
             assert step_bytes < 0.6 * total, step
 
 
+@pytest.mark.slow
 def test_a_postponed_update_reads_dense_gradients_at_the_step_it_runs(
     workers: list[dict[str, Any]],
 ) -> None:
@@ -363,6 +369,7 @@ def test_a_postponed_update_reads_dense_gradients_at_the_step_it_runs(
         assert any(bool((grads[n][~m] != 0).any()) for n, m in masks.items())
 
 
+@pytest.mark.slow
 def test_an_inactive_non_finite_gradient_still_skips_the_step(
     workers: list[dict[str, Any]],
 ) -> None:
@@ -377,6 +384,7 @@ def test_an_inactive_non_finite_gradient_still_skips_the_step(
         _assert_gradients(plain, sparse, f"inactive_inf rank {rank}")
 
 
+@pytest.mark.slow
 def test_bf16_compression_is_ddps_bf16_hook_where_gradients_travel(
     workers: list[dict[str, Any]],
 ) -> None:
@@ -414,7 +422,8 @@ def test_packed_offsets_follow_each_parameters_memory_order() -> None:
     }
     params = [conv, bias, linear]
     offsets = [0, 48, 52]
-    index = packed_offsets(params, offsets, 82, masks)
+    counts = {k: int(m.sum()) for k, m in masks.items()}
+    index = packed_offsets(params, offsets, 82, masks, counts)
     assert index is not None and index.dtype == torch.int64
     expected = [
         torch.arange(48).as_strided(conv.shape, conv.stride())[masks[id(conv)]],
@@ -425,8 +434,9 @@ def test_packed_offsets_follow_each_parameters_memory_order() -> None:
     active = sum(int(m.sum()) for m in masks.values())
     assert index.numel() == active + bias.numel()  # the packed vector, less min and max
     all_ones = {k: torch.ones_like(m) for k, m in masks.items()}
-    assert packed_offsets(params, offsets, 82, all_ones) is None  # plain all-reduce
-    assert packed_offsets([bias], [0], 4, masks) is None
+    full = {k: m.numel() for k, m in all_ones.items()}
+    assert packed_offsets(params, offsets, 82, all_ones, full) is None  # plain all-reduce
+    assert packed_offsets([bias], [0], 4, masks, counts) is None
 
 
 def test_compression_is_bf16_or_fp16() -> None:

@@ -1,5 +1,6 @@
-"""Invariants of the prune and regrow criteria (spec section 3), checked against a plain
-sort-based reference: exact counts, no revival, regrowth never shrinks a layer."""
+"""Invariants of the prune and regrow criteria (docs/algorithm.md section 3), checked against a
+plain sort-based reference: exact counts, no revival, regrowth never shrinks a layer, ties to
+the larger random key of the update's ``TieBreak`` (section 5), then to the lower index."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from granet_ray.sparsity.criteria import (
+    TieBreak,
+    active_counts,
     global_magnitude_prune,
     keep_top,
     kth_largest,
@@ -19,6 +22,7 @@ from granet_ray.sparsity.criteria import (
 )
 
 SHAPES = {"a.weight": (8, 3, 3, 3), "b.weight": (16, 8), "c.weight": (10, 16)}
+TIES = TieBreak(seed=0, update=1)
 
 
 def _random_layers(seed: int, density: float = 0.6, shapes=SHAPES):
@@ -31,9 +35,16 @@ def _random_layers(seed: int, density: float = 0.6, shapes=SHAPES):
     return weights, grads, masks
 
 
-def _ref_top(scores: list[float], candidates: list[int], k: int) -> set[int]:
-    """The k candidates of largest score, ties to the lower index."""
-    return set(sorted(candidates, key=lambda i: (-scores[i], i))[:k])
+def _ref_top(
+    scores: list[float], candidates: list[int], k: int, keys: list[int] | None = None
+) -> set[int]:
+    """The k candidates of largest score, ties to the larger key, then to the lower index."""
+    keys = keys or [0] * len(scores)
+    return set(sorted(candidates, key=lambda i: (-scores[i], -keys[i], i))[:k])
+
+
+def _keys(name: str, purpose: str, numel: int) -> list[int]:
+    return TIES.keys(name, purpose, numel).tolist()
 
 
 def _count(masks) -> dict[str, int]:
@@ -55,7 +66,7 @@ def test_keep_top_exact_k(k: int) -> None:
     )
 
 
-def test_keep_top_ties_go_to_lower_index() -> None:
+def test_keep_top_without_keys_ties_go_to_lower_index() -> None:
     assert keep_top(torch.zeros(6), 3).tolist() == [True, True, True, False, False, False]
     scores = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0, 2.0])
     assert keep_top(scores, 2).tolist() == [False, True, True, False, False, False]
@@ -111,7 +122,7 @@ def test_global_prune_keeps_floor_of_density_times_n(density: float, expected: i
         "y.weight": torch.randn(6, 10, generator=g),
     }
     masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
-    out = global_magnitude_prune(weights, masks, density)
+    out = global_magnitude_prune(weights, masks, density, TIES)
     assert sum(_count(out).values()) == expected
 
 
@@ -119,14 +130,15 @@ def test_global_prune_keeps_floor_of_density_times_n(density: float, expected: i
 @pytest.mark.parametrize("density", [0.05, 0.2, 0.33, 0.5])
 def test_global_prune_matches_reference(seed: int, density: float) -> None:
     weights, _, masks = _random_layers(seed, density=0.7)
-    out = global_magnitude_prune(weights, masks, density)
+    out = global_magnitude_prune(weights, masks, density, TIES)
     names = sorted(masks)
     flat_w = torch.cat([weights[n].abs().reshape(-1) for n in names]).tolist()
     flat_m = torch.cat([masks[n].reshape(-1) for n in names]).tolist()
     total = len(flat_w)
     active = [i for i, m in enumerate(flat_m) if m]
     keep = math.floor(density * total + 1e-9)
-    expected = _ref_top(flat_w, active, keep) if keep < len(active) else set(active)
+    keys = [k for n in names for k in _keys(n, "prune", masks[n].numel())]
+    expected = _ref_top(flat_w, active, keep, keys) if keep < len(active) else set(active)
     got_flat = torch.cat([out[n].reshape(-1) for n in names])
     assert set(torch.nonzero(got_flat).reshape(-1).tolist()) == expected
     assert sum(_count(out).values()) == min(keep, len(active))
@@ -140,11 +152,11 @@ def test_global_prune_never_revives() -> None:
     weights = {"x.weight": torch.randn(10, 10, generator=g)}
     masks = {"x.weight": torch.rand(10, 10, generator=g) < 0.5}
     weights["x.weight"][~masks["x.weight"]] = 1e6
-    out = global_magnitude_prune(weights, masks, 0.2)
+    out = global_magnitude_prune(weights, masks, 0.2, TIES)
     assert not bool((out["x.weight"] & ~masks["x.weight"]).any())
     assert int(out["x.weight"].sum()) == 20
     # a target above the active count leaves the masks as they are (nothing is revived)
-    same = global_magnitude_prune(weights, masks, 0.9)
+    same = global_magnitude_prune(weights, masks, 0.9, TIES)
     assert torch.equal(same["x.weight"], masks["x.weight"])
 
 
@@ -153,7 +165,7 @@ def test_global_prune_is_global_not_per_layer() -> None:
     weights = {"big.weight": torch.full((5, 5), 10.0), "small.weight": torch.full((5, 5), 0.1)}
     weights["big.weight"][0, 0] = 9.0
     masks = {n: torch.ones(5, 5, dtype=torch.bool) for n in weights}
-    out = global_magnitude_prune(weights, masks, 0.5)  # keep 25 of 50
+    out = global_magnitude_prune(weights, masks, 0.5, TIES)  # keep 25 of 50
     assert int(out["big.weight"].sum()) == 25
     assert int(out["small.weight"].sum()) == 0
 
@@ -161,7 +173,7 @@ def test_global_prune_is_global_not_per_layer() -> None:
 def test_global_prune_does_not_modify_inputs() -> None:
     weights, _, masks = _random_layers(2)
     before = {n: m.clone() for n, m in masks.items()}
-    global_magnitude_prune(weights, masks, 0.1)
+    global_magnitude_prune(weights, masks, 0.1, TIES)
     assert all(torch.equal(before[n], masks[n]) for n in masks)
 
 
@@ -172,13 +184,14 @@ def test_layerwise_prune_per_layer(density: float) -> None:
     weights = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
     masks = {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
     masks["z.weight"][0] = False  # 6 of 9 active
-    out = layerwise_magnitude_prune(weights, masks, density)
+    out = layerwise_magnitude_prune(weights, masks, density, TIES)
     for n, s in shapes.items():
         numel = math.prod(s)
         keep = math.floor(density * numel + 1e-9)
         active = [i for i, m in enumerate(masks[n].reshape(-1).tolist()) if m]
         flat = weights[n].abs().reshape(-1).tolist()
-        expected = _ref_top(flat, active, keep) if keep < len(active) else set(active)
+        keys = _keys(n, "prune", numel)
+        expected = _ref_top(flat, active, keep, keys) if keep < len(active) else set(active)
         assert set(torch.nonzero(out[n].reshape(-1)).reshape(-1).tolist()) == expected, n
     assert int(out["x.weight"].sum()) == math.floor(density * 100 + 1e-9)
 
@@ -205,7 +218,9 @@ def test_regrow_count_is_ceil(fraction: float, active: int, expected: int) -> No
 
 
 def _check_prune_and_regrow(weights, grads, masks, fraction) -> dict[str, torch.Tensor]:
-    out = prune_and_regrow(weights, grads, masks, fraction)
+    out = prune_and_regrow(weights, grads, masks, fraction, TIES)
+    known = prune_and_regrow(weights, grads, masks, fraction, TIES, active_counts(masks))
+    assert all(torch.equal(known[n], m) for n, m in out.items())  # counts given or counted
     for n, mask in masks.items():
         new = out[n]
         assert new.dtype == torch.bool and new.shape == mask.shape
@@ -215,9 +230,10 @@ def _check_prune_and_regrow(weights, grads, masks, fraction) -> dict[str, torch.
         r = math.ceil(fraction * a - 1e-9)
         # exact count: the layer never shrinks nor grows
         assert int(new.sum()) == a, n
-        kept = _ref_top(weights[n].abs().reshape(-1).tolist(), active, a - r)
+        drop, grow = (_keys(n, purpose, mask.numel()) for purpose in ("drop", "grow"))
+        kept = _ref_top(weights[n].abs().reshape(-1).tolist(), active, a - r, drop)
         candidates = [i for i in range(mask.numel()) if i not in kept]
-        grown = _ref_top(grads[n].abs().reshape(-1).tolist(), candidates, r)
+        grown = _ref_top(grads[n].abs().reshape(-1).tolist(), candidates, r, grow)
         assert set(torch.nonzero(new.reshape(-1)).reshape(-1).tolist()) == kept | grown, n
     return out
 
@@ -275,7 +291,7 @@ def test_prune_and_regrow_removes_smallest_and_grows_largest_grad() -> None:
     w = torch.tensor([[5.0, 0.1, 3.0, 0.0], [0.2, 0.0, 4.0, 0.0]])
     m = w != 0  # 5 active: 5.0, 0.1, 3.0, 0.2, 4.0
     g = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 9.0, 0.0, 2.0]])
-    out = prune_and_regrow({"w": w}, {"w": g}, {"w": m}, 0.4)  # r = ceil(2.0) = 2
+    out = prune_and_regrow({"w": w}, {"w": g}, {"w": m}, 0.4, TIES)  # r = ceil(2.0) = 2
     # removed 0.1 and 0.2; grown at |g| = 9 and 2 (flat 5 and 7)
     expected = torch.tensor([[True, False, True, False], [False, True, True, True]])
     assert torch.equal(out["w"], expected)
@@ -285,7 +301,7 @@ def test_prune_and_regrow_can_regrow_a_just_removed_weight() -> None:
     w = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 0.0])
     m = w != 0
     g = torch.tensor([7.0, 0.0, 0.0, 1.0, 0.0, 0.0])  # the removed weight has the largest grad
-    out = prune_and_regrow({"w": w}, {"w": g}, {"w": m}, 0.5)  # r = 2: remove 1.0 and 2.0
+    out = prune_and_regrow({"w": w}, {"w": g}, {"w": m}, 0.5, TIES)  # r = 2: remove 1.0 and 2.0
     assert out["w"].tolist() == [True, False, True, True, False, False]
 
 
@@ -298,7 +314,7 @@ def test_prune_and_regrow_keeps_count_with_nonfinite_grads() -> None:
     for g in bad.values():
         g.view(-1)[::3] = float("nan")
         g.view(-1)[1::7] = float("inf")
-    out = prune_and_regrow(weights, bad, masks, 0.5)
+    out = prune_and_regrow(weights, bad, masks, 0.5, TIES)
     assert _count(out) == _count(masks)
 
 

@@ -1,5 +1,6 @@
-"""Spec section 5 with two real gloo processes (no Ray): masks agree bit for bit after every
-update although each worker sees different data, and a perturbed mask fails loudly.
+"""docs/algorithm.md section 5 with two real gloo processes (no Ray): masks agree bit for bit
+after every update although each worker sees different data, and a perturbed mask fails
+loudly.
 
 The workers train WITHOUT DDP, so their weights and gradients really differ: only the
 score all-reduce of ``DistributedSync`` can make their mask decisions agree. The mask check
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from processes import free_port
+from ports import free_port
 from torch import nn
 
 from granet_ray.config import GraNetConfig

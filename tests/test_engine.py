@@ -1,9 +1,11 @@
-"""Invariants of the GraNet engine (spec version 2, sections 1-6) on a tiny conv + linear model.
+"""Invariants of the GraNet engine (docs/algorithm.md, sections 1-6) on a tiny conv + linear
+model.
 
-Every step of every run is checked against the spec: inactive weights and weight-shaped
-optimizer state are exactly 0, and at every mask update the new masks equal those of a plain
-sort-based reference built from the spec's formulas (cubic D_k, cosine p_t or the RigL drop
-fraction, floor / ceil counts, ties to the lower flat index in name order). A weight pruned by
+Every step of every run is checked against docs/algorithm.md: inactive weights and
+weight-shaped optimizer state are exactly 0, and at every mask update the new masks equal those
+of a plain sort-based reference built from its formulas (cubic D_k, cosine p_t or the RigL drop
+fraction, floor / ceil counts, ties to the larger random key of the update's ``TieBreak``, then
+to the lower flat index in name order). A weight pruned by
 (a) is gone before (b): if (b) regrows it, it starts at 0 with 0 optimizer state, like any
 newly grown weight; a weight removed and regrown within (b) keeps its value. An update due at
 a step with non-finite gradients runs at the next finite step with the due step's schedule.
@@ -26,7 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from granet_ray.config import ConfigError, GraNetConfig
-from granet_ray.sparsity import GraNet, LocalSync, erk_densities, neutral_state_keys, random_scores
+from granet_ray.sparsity import (
+    GraNet,
+    LocalSync,
+    TieBreak,
+    erk_densities,
+    neutral_state_keys,
+    random_scores,
+)
 
 DT = 5  # update interval
 SPE = 10  # steps per epoch
@@ -91,11 +100,15 @@ def cfg(method: str = "granet", **kw: Any) -> GraNetConfig:
     return GraNetConfig(**base)
 
 
-# --- an independent reference of one mask update, from the spec's words ---------------------
+# --- an independent reference of one mask update, from docs/algorithm.md ----------------------
 
 
-def _top(scores: list[float], candidates: list[int], k: int) -> set[int]:
-    return set(sorted(candidates, key=lambda i: (-scores[i], i))[:k])
+def _top(scores: list[float], candidates: list[int], k: int, keys: list[int]) -> set[int]:
+    return set(sorted(candidates, key=lambda i: (-scores[i], -keys[i], i))[:k])
+
+
+def _keys(ties: TieBreak, name: str, purpose: str, numel: int) -> list[int]:
+    return ties.keys(name, purpose, numel).tolist()
 
 
 def _flat_set(mask: torch.Tensor) -> set[int]:
@@ -108,21 +121,25 @@ def _from_set(positions: set[int], shape: torch.Size) -> torch.Tensor:
     return out.view(shape)
 
 
-def ref_prune(weights: Tensors, masks: Tensors, density: float, global_: bool) -> Tensors:
+def ref_prune(
+    weights: Tensors, masks: Tensors, density: float, global_: bool, ties: TieBreak
+) -> Tensors:
     names = sorted(masks)
     if not global_:
         out = {}
         for n in names:
             keep = math.floor(density * masks[n].numel() + 1e-9)
             active = sorted(_flat_set(masks[n]))
-            kept = _top(weights[n].abs().reshape(-1).tolist(), active, keep)
+            keys = _keys(ties, n, "prune", masks[n].numel())
+            kept = _top(weights[n].abs().reshape(-1).tolist(), active, keep, keys)
             out[n] = _from_set(kept if keep < len(active) else set(active), masks[n].shape)
         return out
     flat_w = torch.cat([weights[n].abs().reshape(-1) for n in names]).tolist()
     flat_m = torch.cat([masks[n].reshape(-1) for n in names])
     active = torch.nonzero(flat_m).reshape(-1).tolist()
     keep = math.floor(density * len(flat_w) + 1e-9)
-    kept = _top(flat_w, active, keep) if keep < len(active) else set(active)
+    keys = [k for n in names for k in _keys(ties, n, "prune", masks[n].numel())]
+    kept = _top(flat_w, active, keep, keys) if keep < len(active) else set(active)
     out, start = {}, 0
     for n in names:
         size = masks[n].numel()
@@ -133,24 +150,27 @@ def ref_prune(weights: Tensors, masks: Tensors, density: float, global_: bool) -
 
 
 def ref_regrow(
-    weights: Tensors, scores: Tensors, masks: Tensors, fraction: float
+    weights: Tensors, scores: Tensors, masks: Tensors, fraction: float, ties: TieBreak
 ) -> tuple[Tensors, Tensors]:
     """(new masks, kept masks): per layer remove the r = ceil(fraction * a) active weights of
-    smallest |w| (kept = the rest), regrow the r non-kept positions of largest |score|."""
+    smallest |w| (kept = the rest), regrow the r non-kept positions of largest |score|; ties
+    by the ``drop`` and ``grow`` keys of ``ties``."""
     out, kept_masks = {}, {}
     for n, mask in masks.items():
         active = sorted(_flat_set(mask))
         r = math.ceil(fraction * len(active) - 1e-9)
-        kept = _top(weights[n].abs().reshape(-1).tolist(), active, len(active) - r)
+        drop = _keys(ties, n, "drop", mask.numel())
+        kept = _top(weights[n].abs().reshape(-1).tolist(), active, len(active) - r, drop)
         candidates = [i for i in range(mask.numel()) if i not in kept]
-        grown = _top(scores[n].abs().reshape(-1).tolist(), candidates, r)
+        grow = _keys(ties, n, "grow", mask.numel())
+        grown = _top(scores[n].abs().reshape(-1).tolist(), candidates, r, grow)
         out[n] = _from_set(kept | grown, mask.shape)
         kept_masks[n] = _from_set(kept, mask.shape)
     return out, kept_masks
 
 
 def hand_target(c: GraNetConfig, t: int) -> float | None:
-    """D_k at a pruning update (spec 3a; gmp starts dense, rigl / set / static never prune)."""
+    """D_k at a pruning update (section 3a; gmp starts dense, rigl / set / static never prune)."""
     if c.method not in ("granet", "granet_uniform", "gmp") or t % c.update_interval:
         return None
     di = 1.0 if c.method == "gmp" else c.init_density
@@ -162,12 +182,12 @@ def hand_target(c: GraNetConfig, t: int) -> float | None:
 
 
 def hand_global(c: GraNetConfig) -> bool:
-    """Pruning ranks all layers together: the default but for granet_uniform (spec 4)."""
+    """Pruning ranks all layers together: the default but for granet_uniform (section 4)."""
     return (c.prune_scope or ("layer" if c.method == "granet_uniform" else "global")) == "global"
 
 
 def hand_fraction(c: GraNetConfig, t: int, total: int) -> float | None:
-    """The regrowth fraction at an update (spec 3b, 4), None where there is no regrowth.
+    """The regrowth fraction at an update (sections 3b, 4), None where there is no regrowth.
 
     GraNet: p_min + (p0 - p_min)(1 + cos(pi t / T)) / 2 with p0 = 0.5, p_min = 0.005, until
     T (or regrow_end). RigL / SET (the RigL paper): (alpha / 2)(1 + cos(pi t / T_end)) with
@@ -210,7 +230,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 class Run:
     """One training run whose every engine step is checked against the reference. It keeps
     the reference's own schedule state: the due step of a postponed update and the updates
-    it superseded (spec 2; a superseded prune target still counts, the lowest one wins)."""
+    it superseded (section 2; a superseded prune target still counts, the lowest one wins)."""
 
     def __init__(
         self,
@@ -295,7 +315,8 @@ class Run:
             target = min(targets, default=None)
             fraction = hand_fraction(self.cfg, due, self.total)
             if target is not None:
-                after = ref_prune(w, old, target, hand_global(self.cfg))
+                ties = TieBreak(self.cfg.seed, due // self.cfg.update_interval)
+                after = ref_prune(w, old, target, hand_global(self.cfg), ties)
                 if hand_global(self.cfg):  # floor(D_k * N) over all prunable layers
                     kept_total = sum(int(m.sum()) for m in after.values())
                     active = sum(int(m.sum()) for m in old.values())
@@ -311,7 +332,8 @@ class Run:
                     scores = random_scores(after, self.cfg.seed, due // self.cfg.update_interval)
                 else:
                     scores = g
-                expected, kept = ref_regrow(w, scores, after, fraction)
+                ties = TieBreak(self.cfg.seed, due // self.cfg.update_interval)
+                expected, kept = ref_regrow(w, scores, after, fraction, ties)
                 for n in after:  # regrowth keeps every layer's count exactly
                     assert int(expected[n].sum()) == int(after[n].sum())
             self._check_stats(
@@ -650,9 +672,10 @@ def test_removed_and_regrown_weight_keeps_value_new_weights_start_at_zero(opt_ki
 
 @pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
 def test_weight_pruned_by_a_and_regrown_by_b_starts_at_zero(opt_kind: str) -> None:
-    """Spec 3a: a weight pruned by the gradual prune is gone before regrowth, so if regrowth
-    picks it in the same update it comes back at 0 with 0 optimizer state (it used to come
-    back with its old value and momentum); one removed and regrown by (b) keeps both."""
+    """docs/algorithm.md section 3a: a weight pruned by the gradual prune is gone before
+    regrowth, so if regrowth picks it in the same update it comes back at 0 with 0 optimizer
+    state (it used to come back with its old value and momentum); one removed and regrown by
+    (b) keeps both."""
     model = nn.Linear(10, 10, bias=False)  # a bare layer: its weight is named "weight"
     opt = make_optimizer(model, opt_kind)
     c = cfg(final_density=0.5, update_interval=10, prune_end=1)  # prune at t = 10 to D = 0.5
@@ -727,7 +750,8 @@ class _FakeSync:
 
 
 def test_decisions_use_the_averaged_scores_and_every_update_is_checked() -> None:
-    """Spec section 5: the update decides on the all-reduced scores; masks are verified after."""
+    """docs/algorithm.md section 5: the update decides on the all-reduced scores; masks are
+    verified after."""
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 2, bias=False))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sync = _FakeSync()
@@ -745,7 +769,8 @@ def test_decisions_use_the_averaged_scores_and_every_update_is_checked() -> None
     averaged = {
         n: torch.arange(m.numel(), dtype=torch.float32).view(m.shape) for n, m in before.items()
     }
-    expected, _ = ref_regrow(weights, averaged, before, hand_fraction(c, 3, 100))
+    ties = TieBreak(c.seed, 1)  # the update at step 3 = 1 x update_interval
+    expected, _ = ref_regrow(weights, averaged, before, hand_fraction(c, 3, 100), ties)
     for n, m in engine.masks.items():
         assert torch.equal(m, expected[n]), n
         assert torch.equal(sync.checked[0][1][n], m)
@@ -778,7 +803,7 @@ def test_missing_gradient_counts_as_zero() -> None:
     assert engine.history and {n: int(m.sum()) for n, m in engine.masks.items()} == before
 
 
-# --- non-finite gradients (spec 2) -----------------------------------------------------------
+# --- non-finite gradients (docs/algorithm.md section 2) ---------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -835,7 +860,7 @@ def test_superseded_last_prune_still_lands_on_final_density() -> None:
     assert r.engine.density() == math.floor(0.1 * N) / N
 
 
-# --- optimizer state (spec 2) ----------------------------------------------------------------
+# --- optimizer state (docs/algorithm.md section 2) --------------------------------------------
 
 
 class _MomentumSGD(torch.optim.SGD):
@@ -911,6 +936,7 @@ def test_other_supported_optimizers_keep_inactive_state_at_zero(opt: str) -> Non
 def _short_run(model: nn.Module, forward: nn.Module, c: GraNetConfig, steps: int = 10) -> GraNet:
     opt = make_optimizer(model, "sgd")
     engine = GraNet(forward, opt, c, total_steps=TOTAL, steps_per_epoch=SPE)
+    engine.measure_flops(batch(0)[0])  # eagerly, before a compiled model's first call
     for t in range(1, steps + 1):
         x, y = batch(t)
         opt.zero_grad()
@@ -923,7 +949,8 @@ def _short_run(model: nn.Module, forward: nn.Module, c: GraNetConfig, steps: int
 def test_compiled_and_ddp_models_get_the_plain_names_and_masks(tmp_path: Path) -> None:
     """torch.compile (the eager backend: the same wrapper, no compiler needed) and DDP (one
     gloo process) name the prunable weights as the plain model does, so masks drawn from
-    (seed, layer name) and every decision after them are the same."""
+    (seed, layer name) and every decision after them are the same; the FLOPs measured by one
+    eager forward before the first compiled call are the plain model's."""
     c = cfg(init_density=0.5)
     plain = tiny_model()
     reference = _short_run(plain, plain, c)
@@ -946,6 +973,36 @@ def test_compiled_and_ddp_models_get_the_plain_names_and_masks(tmp_path: Path) -
             assert engine.inference_flops() == reference.inference_flops(), kind
     finally:
         dist.destroy_process_group()
+
+
+def test_the_flops_hooks_split_no_compiled_graph() -> None:
+    """The FLOPs recorder's hooks do nothing while Dynamo traces (removing themselves there
+    would split the graph for good): a compiled forward and backward before any eager one
+    is one graph, without a graph break, and records no FLOPs; ``measure_flops`` then does."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny_model()
+    opt = make_optimizer(model, "sgd")
+    compiled = torch.compile(model, backend="eager")
+    engine = GraNet(compiled, opt, cfg(init_density=0.5), total_steps=TOTAL, steps_per_epoch=SPE)
+    x, y = batch(1)
+    F.cross_entropy(compiled(x), y).backward()
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert engine.inference_flops() is None
+    engine.measure_flops(x)
+    plain = tiny_model()
+    eager = GraNet(
+        plain,
+        make_optimizer(plain, "sgd"),
+        cfg(init_density=0.5),
+        total_steps=TOTAL,
+        steps_per_epoch=SPE,
+    )
+    plain(x)
+    assert engine.inference_flops() == eager.inference_flops() is not None
+    F.cross_entropy(compiled(x), y).backward()
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert model.training
 
 
 def test_bare_layer_models_name_their_weight_weight() -> None:

@@ -1,21 +1,25 @@
 """The GPU training path on a CUDA device (marked ``gpu``, skipped without CUDA; run by
-``benchmarks/gpu_check.py``): CUDA masks equal CPU masks with either threshold method, an fp16
-GradScaler overflow at an update step postpones the update, no host sync between mask
-updates, build_run's CUDA settings, the recipe under a one-process NCCL group (DDP, the exact
-mask check on CUDA tensors, with and without the sparse all-reduce hook, a checkpoint round
-trip) and torch.compile with the engine. No Ray."""
+``benchmarks/gpu_check.py``): CUDA masks equal CPU masks with either threshold method, also
+where bf16 or zero gradients tie in masses (the random tie-break keys are the same on both),
+an fp16 GradScaler overflow at an update step postpones the update, no host sync between mask
+updates and a handful at one, none in backward with the sparse all-reduce hook, build_run's
+CUDA settings (fused optimizer), the recipe under a one-process NCCL group (60 s timeout, the
+GPU bound up front: DDP, the exact mask check on CUDA tensors, with and without the sparse
+all-reduce hook, a checkpoint round trip) and torch.compile with the engine. No Ray."""
 
 from __future__ import annotations
 
-import functools
-import socket
+import os
+import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from ports import free_port
 from tiny import tiny_train
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -26,6 +30,7 @@ from granet_ray.models import build_model
 from granet_ray.recipe import Hooks, Position, Run, Sums, build_run, evaluate, train_steps
 from granet_ray.sparsity import criteria, prunable_parameters
 from granet_ray.sparsity.criteria import (
+    TieBreak,
     global_magnitude_prune,
     keep_top,
     layerwise_magnitude_prune,
@@ -42,6 +47,7 @@ GPU = torch.device("cuda")
 CPU = torch.device("cpu")
 CL = torch.channels_last
 Tensors = dict[str, torch.Tensor]
+TIES = TieBreak(seed=0, update=1)
 
 
 def _cuda_train(**changes: Any) -> TrainConfig:
@@ -78,34 +84,41 @@ def _tied(n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("method", ["kthvalue", "topk"])
 @pytest.mark.parametrize("n", [1, 7, 1000, 2**20 + 3])
 def test_keep_top_on_cuda_equals_the_cpu(method: str, n: int) -> None:
+    """Ties to the lower index (no keys) and to the larger random key: the same on both."""
     scores = _tied(n, seed=n)
     ks = range(n + 2) if n <= 1000 else [0, 1, 2, n // 10, n // 2, n // 2 + 1, n - 3, n - 1, n]
     on_gpu = scores.to(GPU)
+    keys = TIES.keys("layer", "grow", n)
+    on_gpu_keys = TIES.keys("layer", "grow", n, GPU)
+    assert torch.equal(on_gpu_keys.cpu(), keys)  # the keys themselves, computed on CUDA
     for k in ks:
         got = keep_top(on_gpu, k, method=method)
         assert got.device.type == "cuda"
         assert torch.equal(got.cpu(), keep_top(scores, k)), k  # the CPU default: kthvalue
+        keyed = keep_top(on_gpu, k, on_gpu_keys, method=method)
+        assert torch.equal(keyed.cpu(), keep_top(scores, k, keys)), k
 
 
 @pytest.fixture(scope="module")
 def resnet50_layers() -> dict[str, Tensors]:
     """ResNet-50's prunable weights (25.5 M) rounded to multiples of 1/64 (many ties), half of
-    them active, gradients with ties; and the CPU's masks of a global prune to 0.3, a
+    them active, gradients rounded to bf16 (8 significant bits: masses of ties), every
+    fourth layer's all zero (dead units); and the CPU's masks of a global prune to 0.3, a
     layer-wise prune to 0.3 and a regrowth of 0.3 of each layer."""
     net = build_model("resnet50")
     g = torch.Generator().manual_seed(0)
     weights, grads, masks = {}, {}, {}
-    for n, p in prunable_parameters(net).items():
+    for i, (n, p) in enumerate(prunable_parameters(net).items()):
         masks[n] = torch.rand(p.shape, generator=g) < 0.5
         weights[n] = (p.detach() * 64).round() / 64 * masks[n]
-        grads[n] = (torch.randn(p.shape, generator=g) * 4).round() / 4
+        grads[n] = (torch.randn(p.shape, generator=g) * 1e-3).bfloat16().float() * (i % 4 > 0)
     return {
         "weights": weights,
         "grads": grads,
         "masks": masks,
-        "global": global_magnitude_prune(weights, masks, 0.3),
-        "layer": layerwise_magnitude_prune(weights, masks, 0.3),
-        "regrow": prune_and_regrow(weights, grads, masks, 0.3),
+        "global": global_magnitude_prune(weights, masks, 0.3, TIES),
+        "layer": layerwise_magnitude_prune(weights, masks, 0.3, TIES),
+        "regrow": prune_and_regrow(weights, grads, masks, 0.3, TIES),
     }
 
 
@@ -113,8 +126,8 @@ def resnet50_layers() -> dict[str, Tensors]:
 def test_global_prune_and_regrowth_on_cuda_equal_the_cpu(
     resnet50_layers: dict[str, Tensors], method: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On identical ResNet-50 tensors every criterion gives the CPU's masks, with the CUDA
-    default (None: topk, never kthvalue's slow CUDA kernel) or either method forced."""
+    """On identical ResNet-50 tensors every criterion gives the CPU's masks, ties included, with
+    the CUDA default (None: topk, never kthvalue's slow CUDA kernel) or either method forced."""
     if method is None:
         kthvalue = torch.kthvalue
 
@@ -124,14 +137,18 @@ def test_global_prune_and_regrowth_on_cuda_equal_the_cpu(
 
         monkeypatch.setattr(torch, "kthvalue", cpu_only)
     else:
-        monkeypatch.setattr(criteria, "keep_top", functools.partial(keep_top, method=method))
+        kth_largest = criteria.kth_largest
+        monkeypatch.setattr(
+            criteria, "kth_largest", lambda flat, k, **_: kth_largest(flat, k, method=method)
+        )
     ref = resnet50_layers
     weights, grads, masks = (_on(ref[k], GPU) for k in ("weights", "grads", "masks"))
-    pruned = global_magnitude_prune(weights, masks, 0.3)
+    pruned = global_magnitude_prune(weights, masks, 0.3, TIES)
     assert all(m.device.type == "cuda" for m in pruned.values())
     _assert_equal(pruned, ref["global"], "global prune")
-    _assert_equal(layerwise_magnitude_prune(weights, masks, 0.3), ref["layer"], "layer prune")
-    _assert_equal(prune_and_regrow(weights, grads, masks, 0.3), ref["regrow"], "regrowth")
+    layer = layerwise_magnitude_prune(weights, masks, 0.3, TIES)
+    _assert_equal(layer, ref["layer"], "layer prune")
+    _assert_equal(prune_and_regrow(weights, grads, masks, 0.3, TIES), ref["regrow"], "regrowth")
 
 
 # ---- 2. an fp16 overflow at an update step ------------------------------------------------------
@@ -162,10 +179,32 @@ def test_fp16_overflow_at_an_update_step_postpones_the_update() -> None:
 # ---- 3. no host sync between mask updates ---------------------------------------------------
 
 
+def _sync_counted_updates(run: Run, counts: list[int]) -> None:
+    """Make ``run.engine.step()`` at a mask update count its host syncs into ``counts`` (CUDA's
+    sync debug mode warning, not erring, there), and restore the erring mode after."""
+    engine_step = run.engine.step
+
+    def step_syncing_at_updates() -> dict[str, Any] | None:
+        if run.engine.next_update_step() != run.engine.step_count + 1:
+            return engine_step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return engine_step()
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+
+    run.engine.step = step_syncing_at_updates  # type: ignore[method-assign]
+
+
 def test_no_host_sync_between_mask_updates_on_cuda() -> None:
     """After two warm-up steps, CUDA's sync debug mode makes every host sync an error, except
-    inside ``engine.step()`` at a mask update: the loop, the loader (pinned memory,
-    non-blocking copies, persistent workers) and bf16 autocast never wait for the GPU."""
+    inside ``engine.step()`` at a mask update, which makes at most 3 (the finite-gradient
+    check, the layers' counts after the prune, the statistics) whatever the number of layers:
+    the loop, the loader (pinned memory, non-blocking copies, persistent workers) and bf16
+    autocast never wait for the GPU."""
     train = _cuda_train(
         model="resnet20",
         dataset="synthetic_cifar10",
@@ -177,18 +216,8 @@ def test_no_host_sync_between_mask_updates_on_cuda() -> None:
         ),
     )
     run = build_run(train, device=GPU, loader_workers=2)
-    engine_step = run.engine.step
-
-    def step_syncing_at_updates() -> dict[str, Any] | None:
-        if run.engine.next_update_step() != run.engine.step_count + 1:
-            return engine_step()
-        torch.cuda.set_sync_debug_mode(0)
-        try:
-            return engine_step()
-        finally:
-            torch.cuda.set_sync_debug_mode("error")
-
-    run.engine.step = step_syncing_at_updates  # type: ignore[method-assign]
+    counts: list[int] = []
+    _sync_counted_updates(run, counts)
     sums = Sums.zeros(GPU)
     steps = train_steps(run, 0, sums)
     warmup = [next(steps).step for _ in range(2)]  # cudnn autotuning, first allocations
@@ -199,6 +228,7 @@ def test_no_host_sync_between_mask_updates_on_cuda() -> None:
         torch.cuda.set_sync_debug_mode(0)
     assert warmup == [1, 2] and [s for s, _ in checked] == list(range(3, 9))
     assert [s for s, updated in checked if updated] == [3, 6]
+    assert len(counts) == 2 and all(1 <= c <= 3 for c in counts), counts
     assert sums.read().count == 256
 
 
@@ -218,6 +248,7 @@ def test_build_run_on_cuda_turns_on_cudnn_benchmark_channels_last_and_pinned_loa
             assert p.is_cuda and p.is_contiguous(memory_format=CL), n
             assert run.engine.masks[n].is_contiguous(memory_format=CL), n
     assert run.train_loader.pin_memory and run.test_loader.pin_memory
+    assert run.optimizer.defaults["fused"]  # GradScaler reads no overflow flag per step
     plain = build_run(
         _cuda_train(model="resnet20", dataset="synthetic_cifar10", channels_last=False), device=GPU
     )
@@ -229,13 +260,21 @@ def test_build_run_on_cuda_turns_on_cudnn_benchmark_channels_last_and_pinned_loa
 
 
 @pytest.fixture
-def nccl_group() -> Iterator[None]:
-    """A one-process NCCL group on a free loopback port, destroyed afterwards."""
+def nccl_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A one-process NCCL group on a free loopback port, the GPU bound up front (``device_id``)
+    and a 60 s timeout (a hang fails the test instead of eating the check's time), NCCL's
+    warnings shown; destroyed afterwards."""
+    monkeypatch.setenv("NCCL_DEBUG", os.environ.get("NCCL_DEBUG", "WARN"))
     torch.cuda.set_device(0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init = f"tcp://127.0.0.1:{free_port()}"
+    dist.init_process_group(
+        "nccl",
+        init_method=init,
+        rank=0,
+        world_size=1,
+        timeout=timedelta(seconds=60),
+        device_id=torch.device("cuda", 0),
+    )
     try:
         yield
     finally:
@@ -309,12 +348,51 @@ def test_the_recipe_under_a_one_process_nccl_group(
     torch.testing.assert_close(hooked, weights)
 
 
+def test_the_sparse_allreduce_hook_never_syncs_in_backward(nccl_group: None) -> None:
+    """DDP with the sparse all-reduce hook under NCCL: after two warm-up steps (DDP rebuilds
+    its buckets) no step syncs with the host, the first step after each mask update included
+    (the hook's packing is rebuilt at the update, without a sync), and the update itself
+    makes a handful (the engine's 3, the workers' finite-gradient agreement, the mask check)."""
+    train = _cuda_train(
+        model="resnet20",
+        dataset="synthetic_cifar10",
+        train_size=256,
+        global_batch=32,
+        epochs=1,
+        precision="bf16",
+        sparse_allreduce=True,
+        granet=GraNetConfig(
+            init_density=0.5, final_density=0.2, update_interval=3, prune_start=0, prune_end=1
+        ),
+    )
+    run = build_run(
+        train, device=GPU, wrap=lambda net: DDP(net, device_ids=[0]), sync=DistributedSync()
+    )
+    assert isinstance(run.allreduce, SparseAllReduce)
+    counts: list[int] = []
+    _sync_counted_updates(run, counts)
+    steps = train_steps(run, 0, Sums.zeros(GPU))
+    warmup = [next(steps).step for _ in range(2)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        checked = [(info.step, info.update is not None) for info in steps]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert warmup == [1, 2] and [s for s, _ in checked] == list(range(3, 9))
+    assert [s for s, updated in checked if updated] == [3, 6]
+    assert len(counts) == 2 and all(1 <= c <= 5 for c in counts), counts
+    assert run.allreduce.bytes_sent < run.allreduce.bytes_dense
+
+
 # ---- 6. torch.compile with the engine -----------------------------------------------------------
 
 
 def test_a_compiled_model_trains_with_the_engine_on_cuda() -> None:
     """``compile=True`` (inductor): the engine masks the weights the compiled graph reads, in
-    channels-last, and reaches the eager run's density at the same update."""
+    channels-last, and reaches the eager run's density at the same update; no graph break
+    (the FLOPs were measured by an eager forward before compiling)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = build_run(_cuda_train(compile=True), device=GPU)
     eager = build_run(_cuda_train(), device=GPU)
     assert compiled.model is not compiled.net and compiled.model._orig_mod is compiled.net
@@ -327,5 +405,7 @@ def test_a_compiled_model_trains_with_the_engine_on_cuda() -> None:
         assert run.net.conv2.weight.is_contiguous(memory_format=CL), name
         assert run.engine.masks["conv2.weight"].is_contiguous(memory_format=CL), name
     assert compiled.engine.density() == eager.engine.density()
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert compiled.engine.inference_flops() == eager.engine.inference_flops() is not None
     torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=0.05, atol=0.05)
     assert evaluate(compiled).count == 64

@@ -3,21 +3,13 @@ test_criteria.py leave out): the channels-last path end to end through ``build_r
 autocast with evaluation, the DataLoader options and persistent workers, precision on a
 (faked) CUDA device and its flags, cudnn.benchmark left alone on the CPU, torch.compile
 (inductor) through ``build_run``, the dense baseline that never masks, the CUDA threshold
-method giving the same run, progress reads at intervals only, and ``benchmarks/gpu_check.py``
-(its bookkeeping on the CPU; without CUDA it exits 0 at once, importing no Ray). No Ray."""
+method giving the same run, progress reads at intervals only (``benchmarks/gpu_check.py``:
+tests/test_gpu_check.py). No Ray."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import json
 import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,6 +21,7 @@ from granet_ray import local, recipe
 from granet_ray.cli import build_parser
 from granet_ray.cli import recipe as cli_recipe
 from granet_ray.config import PRECISIONS, GraNetConfig, TrainConfig
+from granet_ray.events import Stepped
 from granet_ray.recipe import (
     Hooks,
     Position,
@@ -279,6 +272,7 @@ def test_cudnn_benchmark_is_left_alone_on_the_cpu(monkeypatch: pytest.MonkeyPatc
 # ---- torch.compile ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compile_with_inductor_through_build_run_masks_the_weights_the_graph_reads() -> None:
     """``compile=True``: the loop calls the compiled model, the engine masks the plain
     module's weights (which the compiled graph reads, not a copy): the run matches eager."""
@@ -325,10 +319,14 @@ def test_the_cuda_threshold_method_gives_the_same_run(monkeypatch: pytest.Monkey
     """Every mask decision with topk (the CUDA default) instead of kthvalue (the CPU's):
     the same masks, weights and update statistics, bit for bit, through the recipe."""
     runs = {}
-    keep_top = criteria.keep_top
+    kth_largest = criteria.kth_largest
     for method in ("kthvalue", "topk"):
         with monkeypatch.context() as patch:
-            patch.setattr(criteria, "keep_top", functools.partial(keep_top, method=method))
+            patch.setattr(
+                criteria,
+                "kth_largest",
+                lambda flat, k, m=method, **_: kth_largest(flat, k, method=m),
+            )
             run = build_run(tiny_train(), device=CPU)
             for epoch in range(2):
                 list(train_steps(run, epoch, Sums.zeros(CPU)))
@@ -355,100 +353,10 @@ def test_progress_reads_the_loss_at_intervals_updates_and_epoch_ends_only(
     infos = list(train_steps(run, 0, Sums.zeros(CPU)))
     clock = iter([0.0, 0.1, 0.2, 0.3, 0.9, 1.0])
     monkeypatch.setattr(recipe.time, "monotonic", lambda: next(clock))
-    events: list[dict[str, Any]] = []
+    events: list[Stepped] = []
     hooks = ProgressHooks(events.append, interval=0.5)
     for info in infos:
         hooks.on_step(run, info)
     # 1: the first; 2, 4: updates; not 3 (0.1 s after 2); 5: 0.6 s after 4; 6: the last
-    assert [e["step"] for e in events] == [1, 2, 4, 5, 6]
-    assert all(isinstance(e["loss"], float) for e in events)
-
-
-# ---- benchmarks/gpu_check.py ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gpu_check() -> Iterator[ModuleType]:
-    """``benchmarks/gpu_check.py`` imported as the module ``gpu_check``."""
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks/gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules["gpu_check"]
-
-
-_NO_RAY = """
-import importlib.abc, runpy, sys
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.partition(".")[0] in {"ray", "s3fs", "mlxtend"}:
-            raise ImportError(f"gpu_check must not import {name}")
-sys.meta_path.insert(0, Refuse())
-sys.argv = ["gpu_check.py", *sys.argv[1:]]
-runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
-"""
-
-
-def test_gpu_check_without_cuda_says_so_and_exits_0_within_seconds(tmp_path: Path) -> None:
-    out = tmp_path / "check.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    began = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", _NO_RAY, "--time-limit", "480", "--json", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    seconds = time.monotonic() - began
-    assert done.returncode == 0, done.stderr
-    assert "no CUDA device" in done.stdout
-    assert json.loads(out.read_text())["cuda"] is False
-    assert seconds < 20, f"took {seconds:.1f} s"
-
-
-def test_gpu_check_runs_its_gpu_tests_as_a_subprocess(gpu_check: ModuleType) -> None:
-    """The pytest part of the check on this machine: every GPU test is collected (with no
-    Ray, S3 or other test module) and skipped without CUDA."""
-    result = gpu_check.run_gpu_tests(timeout=300)
-    assert result["returncode"] == 0 and not result["timed_out"]
-    assert " skipped" in result["summary"] and "passed" not in result["summary"]
-
-
-def test_gpu_check_bookkeeping_on_the_cpu(
-    gpu_check: ModuleType, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The benchmark's runs, timings and figures on a tiny CPU run (the host clock stands in
-    for CUDA events): dense, GraNet, dense; updates timed apart from steps."""
-    g = gpu_check
-    configs = g.benchmark_configs(batch=256, steps=200, warmup=20, update_interval=50)
-    assert configs["dense"].model == "resnet50" and configs["dense"].train_size == 256 * 220
-    assert (configs["granet"].precision, configs["granet"].channels_last) == ("bf16", True)
-    tiny = {"model": "mnist_convnet", "dataset": "synthetic_mnist5k"}
-    configs = g.benchmark_configs(batch=8, steps=6, warmup=2, update_interval=2, **tiny)
-    data = g.benchmark_data(configs["dense"])
-    assert len(data.train) == 8 * 8 and torch.equal(data.train[8][0], data.train[0][0])
-    assert g.loader_images_per_second(data, 8, CPU, 0, batches=4) > 0
-    runs = list(g.benchmark_runs(configs, data, CPU, warmup=2, loader_workers=0))
-    figures = g.compare([runs[0], runs[2]], runs[1])
-    assert [m.name for m in runs] == ["dense", "granet", "dense"]
-    dense, masked = runs[0], runs[1]
-    assert list(dense.step_seconds) == list(masked.step_seconds) == [3, 4, 5, 6, 7, 8]
-    assert dense.updates == [] and dense.density == 1.0 and dense.peak_bytes is None
-    assert masked.updates == [2, 4, 6, 8] and list(masked.engine_seconds) == [4, 6, 8]
-    assert masked.density == pytest.approx(0.2, abs=1e-5)
-    assert all(s > 0 for s in [*masked.step_seconds.values(), *masked.engine_seconds.values()])
-    between = [3, 5, 7]
-    expected = 8 * 3 / sum(masked.step_seconds[s] for s in between)
-    assert figures["granet_images_per_second"] == pytest.approx(expected)
-    assert figures["timed_updates"] == [4, 6, 8] and figures["memory_ratio"] is None
-    met = g.goals_met(figures)
-    assert met.keys() == g.GOALS.keys() and met["memory_ratio"] is False  # no CUDA memory
-    g.report(figures, runs)
-    shown = capsys.readouterr().out
-    assert "images/s between updates, GraNet / dense" in shown and "MISSED" in shown
+    assert [e.step for e in events] == [1, 2, 4, 5, 6]
+    assert all(isinstance(e.loss, float) for e in events)

@@ -268,3 +268,39 @@ def test_a_cuda_device_without_a_gpu_is_bad_input(
     assert "device='cuda' is invalid: this machine has no such CUDA device" in (
         capsys.readouterr().err
     )
+
+
+# ---- 10, 12: hints that fit the case, layers left empty ---------------------------------------
+
+
+def test_the_window_hint_suggests_a_shorter_interval_only_where_one_helps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--global-batch", "100000", "--train-size", "512", "--epochs", "1"]
+    assert main(["train", *flags, "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "hold no mask update at update_interval=1" in err
+    assert "--update-interval" not in err.split(":", 2)[-1] and "widen the window" in err
+    flags = ["--epochs", "2", "--update-interval", "50", "--train-size", "512"]
+    assert main(["train", *flags, "--storage", str(tmp_path)]) == 2
+    assert "pass --update-interval 2 or smaller" in capsys.readouterr().err
+
+
+def test_a_layer_pruned_to_no_active_weight_is_named_in_a_warning() -> None:
+    import torch
+
+    from granet_ray.sparsity import GraNet
+
+    model = torch.nn.Sequential(torch.nn.Linear(400, 400), torch.nn.Linear(400, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = GraNetConfig(
+        method="gmp", final_density=0.001, update_interval=1, prune_start=0, prune_end=1
+    )
+    engine = GraNet(model, optimizer, config, total_steps=2, steps_per_epoch=1)
+    with torch.no_grad():
+        model[1].weight.mul_(1e-6)  # the small last layer loses every weight to the global cut
+    torch.nn.functional.mse_loss(model(torch.randn(4, 400)), torch.zeros(4, 2)).backward()
+    optimizer.step()
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) without an active weight \(1.weight\)"):
+        engine.step()
+    assert engine.active_counts()["1.weight"] == 0

@@ -10,7 +10,7 @@ from granet_ray.sparsity.seeding import layer_generator
 
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
-    """Erdos-Renyi-Kernel densities (spec section 1) whose weighted mean is ``density``.
+    """Erdos-Renyi-Kernel densities (docs/algorithm.md section 1) of weighted mean ``density``.
 
     Raw score of a layer: sum(shape) / prod(shape). density_l = eps * raw_l with eps solved so
     that sum_l density_l * n_l = density * N; a layer whose density would exceed 1 is made dense

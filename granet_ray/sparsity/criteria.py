@@ -1,20 +1,43 @@
 """Prune and regrow criteria: pure functions from scores and bool masks to new bool masks.
 
-Dicts map parameter names to tensors of one layer's shape. Ties always break towards the lower
-flat index, so results are deterministic on any device and any number of workers.
+Dicts map parameter names to tensors of one layer's shape. Equal scores that straddle a cut
+break by a random key per position (``TieBreak``, docs/algorithm.md section 5): the keys
+come from a stream seeded by (run seed, update index, layer name), so the choice among the
+tied is uniform, yet the same on every worker and every device. Nothing here waits for the
+device when the caller passes the active counts it already knows (``active``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from granet_ray.sparsity.seeding import layer_generator
+from granet_ray.sparsity.seeding import layer_seed, random_keys
 
 Tensors = dict[str, torch.Tensor]
 
 _GUARD = 1e-9  # absorbs binary rounding such as 0.29 * 100 = 28.999999999999996
+_KEY_BITS = 31  # random_keys are below 2**31; a float32 score's order takes the 32 above
+
+
+@dataclass(frozen=True)
+class TieBreak:
+    """The tie-break keys of the mask update ``update`` of a run seeded with ``seed``.
+
+    ``keys(name, purpose, numel, device)``: one key per flat position of layer ``name``,
+    from ``layer_seed(seed, "<update>/ties/<purpose>", name)``; each selection of an update
+    (``prune``, ``drop``, ``grow``) draws its own keys."""
+
+    seed: int
+    update: int
+
+    def keys(
+        self, name: str, purpose: str, numel: int, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        seed = layer_seed(self.seed, f"{self.update}/ties/{purpose}", name)
+        return random_keys(seed, numel, device)
 
 
 def kth_largest(flat: torch.Tensor, k: int, *, method: str | None = None) -> torch.Tensor:
@@ -32,20 +55,54 @@ def kth_largest(flat: torch.Tensor, k: int, *, method: str | None = None) -> tor
     return torch.topk(flat, n - k + 1, largest=False, sorted=False).values.max()
 
 
-def keep_top(scores: torch.Tensor, k: int, *, method: str | None = None) -> torch.Tensor:
-    """Bool mask (same shape) of the k largest ``scores``; ties go to the lower flat index.
-    ``method`` picks how the threshold is found (see ``kth_largest``)."""
-    flat = scores.reshape(-1)
-    n = flat.numel()
+def ordered_bits(scores: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) in the order of ``scores`` compared as float32 (-0.0 equal
+    to 0.0; NaN above +inf): the float's bits, sign handled, so one integer comparison
+    orders the scores and a key placed below them breaks their ties."""
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -1 - bits, bits + 2**31)
+
+
+def _top_of(order: torch.Tensor, k: int, method: str | None) -> torch.Tensor:
+    """Bool mask of the k largest of a 1-D int64 ``order``, 0 < k < n; equal values go to
+    the lower index. No host sync: the count still missing at the threshold stays a tensor
+    and a cumulative sum picks that many of the tied."""
+    threshold = kth_largest(order, k, method=method)
+    keep = order > threshold
+    tied = order == threshold
+    keep |= tied & (tied.cumsum(0) <= k - keep.sum())
+    return keep
+
+
+def keep_top(
+    scores: torch.Tensor,
+    k: int,
+    keys: torch.Tensor | None = None,
+    *,
+    method: str | None = None,
+) -> torch.Tensor:
+    """Bool mask (same shape) of the k largest ``scores`` (compared as float32). Equal scores
+    go to the larger of ``keys`` (int64 in [0, 2**31), one per element, e.g. from
+    ``TieBreak``), then to the lower flat index; without keys, to the lower flat index.
+    ``method`` picks how the threshold is found (see ``kth_largest``). No host sync."""
+    n = scores.numel()
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = kth_largest(flat, k, method=method)
-    keep = flat > threshold
-    ties = torch.nonzero(flat == threshold).reshape(-1)
-    keep[ties[: k - int(keep.count_nonzero())]] = True  # the lowest-index ties fill up to k
-    return keep.view(scores.shape)
+    order = ordered_bits(scores.reshape(-1)) << _KEY_BITS
+    if keys is not None:
+        order |= keys.reshape(-1)
+    return _top_of(order, k, method).view(scores.shape)
+
+
+def active_counts(masks: Tensors) -> dict[str, int]:
+    """Each mask's number of True entries (one host sync for all of them)."""
+    names = list(masks)
+    if not names:
+        return {}
+    counts = torch.stack([masks[n].count_nonzero() for n in names]).tolist()
+    return dict(zip(names, counts, strict=True))
 
 
 def _masked_magnitude(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,26 +110,40 @@ def _masked_magnitude(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, weight.abs().float(), -1.0)
 
 
-def global_magnitude_prune(weights: Tensors, masks: Tensors, density: float) -> Tensors:
-    """Keep the floor(density * N) active weights of largest |w| across all layers together.
+def global_magnitude_prune(
+    weights: Tensors,
+    masks: Tensors,
+    density: float,
+    ties: TieBreak,
+    active: dict[str, int] | None = None,
+) -> Tensors:
+    """Keep the floor(density * N) active weights of largest |w| across all layers together;
+    equal magnitudes at the cut break by ``ties``' ``prune`` keys.
 
-    N counts every element of every layer in ``masks``. Inactive weights are never revived:
-    if fewer than that many are active, the masks come back unchanged.
+    N counts every element of every layer in ``masks``; ``active``: the masks' active counts
+    when known (else counted, one host sync). Inactive weights are never revived: if fewer
+    than that many are active, the masks come back unchanged.
     """
     names = sorted(masks)
     total = sum(masks[n].numel() for n in names)
     keep = math.floor(density * total + _GUARD)
-    if keep >= sum(int(masks[n].count_nonzero()) for n in names):
+    active = active_counts(masks) if active is None else active
+    if keep >= sum(active[n] for n in names):
         return {n: masks[n].clone() for n in masks}
     device = masks[names[0]].device
-    scores = torch.empty(total, dtype=torch.float32, device=device)
+    order = torch.empty(total, dtype=torch.int64, device=device)
     start = 0
     for n in names:  # filled layer by layer: no second full-size copy
         size = masks[n].numel()
-        scores[start : start + size] = _masked_magnitude(weights[n], masks[n]).reshape(-1)
+        magnitude = ordered_bits(_masked_magnitude(weights[n], masks[n]).reshape(-1))
+        keys = ties.keys(n, "prune", size, device)
+        order[start : start + size] = (magnitude << _KEY_BITS) | keys
         start += size
-    kept = keep_top(scores, keep)
-    del scores
+    if keep > 0:
+        kept = _top_of(order, keep, None)
+    else:
+        kept = torch.zeros(total, dtype=torch.bool, device=device)
+    del order
     out, start = {}, 0
     for n in names:
         size = masks[n].numel()
@@ -81,15 +152,24 @@ def global_magnitude_prune(weights: Tensors, masks: Tensors, density: float) -> 
     return out
 
 
-def layerwise_magnitude_prune(weights: Tensors, masks: Tensors, density: float) -> Tensors:
-    """Keep the floor(density * n_l) active weights of largest |w| in each layer alone."""
+def layerwise_magnitude_prune(
+    weights: Tensors,
+    masks: Tensors,
+    density: float,
+    ties: TieBreak,
+    active: dict[str, int] | None = None,
+) -> Tensors:
+    """Keep the floor(density * n_l) active weights of largest |w| in each layer alone
+    (``ties`` and ``active`` as in ``global_magnitude_prune``)."""
+    active = active_counts(masks) if active is None else active
     out = {}
     for n, mask in masks.items():
         keep = math.floor(density * mask.numel() + _GUARD)
-        if keep >= int(mask.count_nonzero()):
+        if keep >= active[n]:
             out[n] = mask.clone()
         else:
-            out[n] = keep_top(_masked_magnitude(weights[n], mask), keep)
+            keys = ties.keys(n, "prune", mask.numel(), mask.device)
+            out[n] = keep_top(_masked_magnitude(weights[n], mask), keep, keys)
     return out
 
 
@@ -98,30 +178,46 @@ def regrow_count(fraction: float, active: int) -> int:
     return min(active, math.ceil(fraction * active - _GUARD))
 
 
-def prune_and_regrow(weights: Tensors, grads: Tensors, masks: Tensors, fraction: float) -> Tensors:
-    """Zero-cost neuroregeneration (spec 3b), per layer: remove the r = ceil(fraction * a)
-    active weights of smallest |w|, then activate the r inactive positions (the ones just
-    removed included) of largest |grad|. ``grads`` may be any regrowth score (random for SET).
-    Each layer's active count is unchanged, also when scores are all zero."""
+def prune_and_regrow(
+    weights: Tensors,
+    grads: Tensors,
+    masks: Tensors,
+    fraction: float,
+    ties: TieBreak,
+    active: dict[str, int] | None = None,
+) -> Tensors:
+    """Zero-cost neuroregeneration (docs/algorithm.md section 3b), per layer: remove the
+    r = ceil(fraction * a) active weights of smallest |w|, then activate the r inactive
+    positions (the ones just removed included) of largest |grad|. ``grads`` may be any
+    regrowth score (random for SET). Ties at either cut break by ``ties``' ``drop`` and
+    ``grow`` keys, among the candidates only, so each layer's active count is unchanged, also
+    when scores are all zero. ``active``: the masks' active counts when known (else counted,
+    one host sync)."""
+    active = active_counts(masks) if active is None else active
     out = {}
     for n, mask in masks.items():
-        active = int(mask.count_nonzero())
-        r = regrow_count(fraction, active)
+        r = regrow_count(fraction, active[n])
         if r == 0:
             out[n] = mask.clone()
             continue
-        kept = keep_top(_masked_magnitude(weights[n], mask), active - r)
+        numel = mask.numel()
+        drop_keys = ties.keys(n, "drop", numel, mask.device)
+        kept = keep_top(_masked_magnitude(weights[n], mask), active[n] - r, drop_keys)
         # non-finite gradients (an AMP overflow step) count as 0 so the layer never shrinks
         grow = torch.nan_to_num(grads[n].abs().float(), nan=0.0, posinf=0.0)
         grow_scores = torch.where(kept, -1.0, grow)
-        out[n] = kept | keep_top(grow_scores, r)
+        out[n] = kept | keep_top(grow_scores, r, ties.keys(n, "grow", numel, mask.device))
     return out
 
 
 def random_scores(masks: Tensors, seed: int, update: int) -> Tensors:
-    """Uniform [0, 1) scores per layer from a generator seeded by (seed, update, layer name):
-    the regrowth score of SET."""
+    """Uniform [0, 1) scores (multiples of 2**-24) per layer from the stream seeded by (seed,
+    update, layer name), computed on the masks' device without a host sync or transfer: the
+    regrowth score of SET."""
     return {
-        n: torch.rand(m.shape, generator=layer_generator(seed, update, n)).to(m.device)
+        n: (random_keys(layer_seed(seed, update, n), m.numel(), m.device) >> 7)
+        .float()
+        .mul_(2.0**-24)
+        .view(m.shape)
         for n, m in masks.items()
     }

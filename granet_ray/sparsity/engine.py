@@ -5,12 +5,16 @@ state at exactly zero, runs the mask update every ``update_interval`` steps (gra
 pruning, then regeneration, as the method's row of ``config.METHODS`` says) and records
 per-update statistics and FLOPs. All decisions are delegated to the pure functions of this
 package; the only cross-worker communication goes through a small ``MaskSync`` object (see
-``granet_ray.distributed``). Between mask updates ``step()`` never waits for the device.
+``granet_ray.distributed``). Between mask updates ``step()`` never waits for the device; a
+mask update waits for it a fixed few times, whatever the number of layers (the finite-gradient
+check, the layers' counts after a prune, the statistics), plus what ``MaskSync`` needs.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -19,6 +23,8 @@ from torch import nn
 from granet_ray.config import ConfigError, GraNetConfig
 from granet_ray.sparsity.allocation import erk_densities, initial_masks, uniform_densities
 from granet_ray.sparsity.criteria import (
+    TieBreak,
+    active_counts,
     global_magnitude_prune,
     layerwise_magnitude_prune,
     prune_and_regrow,
@@ -26,13 +32,14 @@ from granet_ray.sparsity.criteria import (
     regrow_count,
 )
 from granet_ray.sparsity.flops import FlopsRecorder, relative_flops
-from granet_ray.sparsity.layers import prunable_parameters, weight_layers
+from granet_ray.sparsity.layers import prunable_parameters, unwrap, weight_layers
 from granet_ray.sparsity.schedules import pruning_updates, regrow_fraction, target_density
 
 Tensors = dict[str, torch.Tensor]
 
-# Weight-shaped optimizer state whose neutral value is 0 (spec section 2): masked with the
-# weight, so a newly grown weight starts with no history. By optimizer class (and its bases).
+# Weight-shaped optimizer state whose neutral value is 0 (docs/algorithm.md section 2): masked
+# with the weight, so a newly grown weight starts with no history. By optimizer class (and its
+# bases).
 NEUTRAL_STATE: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
     torch.optim.SGD: ("momentum_buffer",),
     torch.optim.Adam: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
@@ -40,7 +47,7 @@ NEUTRAL_STATE: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
     torch.optim.RMSprop: ("square_avg", "momentum_buffer", "grad_avg"),
     torch.optim.Adagrad: ("sum",),
 }
-# State of optimizers the spec refuses (section 2), named in the error.
+# State of optimizers docs/algorithm.md section 2 refuses, named in the error.
 NON_NEUTRAL_STATE: dict[type[torch.optim.Optimizer], str] = {
     torch.optim.Rprop: "'step_size' (starts at lr)",
     torch.optim.LBFGS: "'old_dirs' / 'old_stps' (a curvature history over all weights together)",
@@ -107,7 +114,7 @@ class LocalSync:
 
 
 class GraNet:
-    """Sparse training engine (spec sections 1-6).
+    """Sparse training engine (docs/algorithm.md sections 1-6).
 
     Args:
         model: the network (may be wrapped in DDP or ``torch.compile``); its Conv / Linear
@@ -121,6 +128,8 @@ class GraNet:
 
     The constructor applies the initial masks to the model. To resume, build the engine
     first, then load the model, optimizer and engine states (``load_state_dict``).
+    ``mask_listeners``: callables run after every change of the masks (a mask update, a
+    load), e.g. to rebuild what depends on them outside a training step.
     """
 
     def __init__(
@@ -160,9 +169,12 @@ class GraNet:
         self.anneal_steps = max(1, total_steps if self.spec.anneal == "total" else self.regrow_end)
         self._check_window(steps_per_epoch)
         self.step_count = 0
-        self.pending: int | None = None  # the due step of an update postponed (spec 2)
+        # the due step of a postponed update (docs/algorithm.md section 2)
+        self.pending: int | None = None
         self._superseded: list[int] = []  # postponed updates a later due update replaced
         self.history: list[dict[str, Any]] = []
+        self.mask_listeners: list[Callable[[], None]] = []
+        self._net = unwrap(model)
         self._flops = FlopsRecorder(model)
         self._density_steps = dict.fromkeys(self.params, 0.0)
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
@@ -174,6 +186,7 @@ class GraNet:
             masks = initial_masks(shapes, densities, config.seed)
         self._set_masks(masks)
         self.apply_masks()
+        self._warn_empty({n: p.numel() for n, p in self.params.items()}, self._active, 0)
 
     def _check_window(self, steps_per_epoch: int) -> None:
         cfg = self.config
@@ -191,24 +204,31 @@ class GraNet:
         )
         if window == 0 and cfg.final_density < cfg.start_density:
             steps = self.prune_end - self.prune_start
+            # A shorter interval helps only where the window holds a step after its start.
+            shorter = (
+                f"pass --update-interval {steps // 2 or 1} or smaller, or "
+                if steps >= 1 and cfg.update_interval > 1
+                else ""
+            )
             raise ConfigError(
                 f"granet.prune_start..prune_end = {cfg.prune_start}..{cfg.prune_end} epochs = "
                 f"steps {self.prune_start}..{self.prune_end} hold no mask update at "
                 f"update_interval={cfg.update_interval} ({steps_per_epoch} steps per epoch): "
-                f"pass --update-interval {max(1, steps // 2)} or smaller, or widen the window "
-                "(--epochs, --prune-window)"
+                f"{shorter}widen the window in steps (more --epochs, a later --prune-window, "
+                "or a smaller --global-batch)"
             )
 
     # ---- masks -------------------------------------------------------------------------
-    def _set_masks(self, masks: Tensors) -> None:
+    def _set_masks(self, masks: Tensors, active: dict[str, int] | None = None) -> None:
         """Keep ``masks`` in each weight's device and memory format, with multiplier copies
-        in the weight's dtype for the fused masking pass."""
+        in the weight's dtype for the fused masking pass. ``active``: their active counts when
+        known, else counted (one host sync for all layers)."""
         self.masks = {}
         for n, p in self.params.items():
             mask = torch.empty_like(p, dtype=torch.bool)  # p's strides (channels_last too)
             mask.copy_(masks[n])
             self.masks[n] = mask
-        self._active = {n: int(m.count_nonzero()) for n, m in self.masks.items()}
+        self._active = active_counts(self.masks) if active is None else dict(active)
         self._densities = {n: self._active[n] / m.numel() for n, m in self.masks.items()}
         self._dense = all(self._active[n] == m.numel() for n, m in self.masks.items())
         self._multipliers: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -244,8 +264,9 @@ class GraNet:
 
         A due update whose gradients are not all finite on every worker is postponed to the
         next step with finite gradients and then runs with the schedule values of the step
-        it was due at (spec 2); a second due step before then supersedes it (listed in the
-        update's ``superseded``; its prune target still counts, see ``_update``)."""
+        it was due at (docs/algorithm.md section 2); a second due step before then supersedes
+        it (listed in the update's ``superseded``; its prune target still counts, see
+        ``_update``)."""
         self.step_count += 1
         for n, d in self._densities.items():
             self._density_steps[n] += d
@@ -262,7 +283,16 @@ class GraNet:
         due, self.pending = self.pending, None
         stats = self._update(t, due)
         self.apply_masks()
+        self._masks_changed()
         return stats
+
+    def _masks_changed(self) -> None:
+        for listener in self.mask_listeners:
+            listener()
+
+    def active_counts(self) -> dict[str, int]:
+        """Each prunable weight's number of active positions (known to the host: no sync)."""
+        return dict(self._active)
 
     def _is_due(self, t: int) -> bool:
         return self._prune_target(t) is not None or self._regrow_fraction(t) is not None
@@ -310,14 +340,17 @@ class GraNet:
 
     @torch.no_grad()
     def _update(self, t: int, due: int) -> dict[str, Any]:
-        """The mask update due at step ``due``, run at step ``t`` (spec section 3). A prune of a
-        superseded update is not lost: the cubic schedule never rises, so the lowest target
-        of the superseded and the due update is the latest one (the last prune still lands
-        on d_f when its update is superseded by a regrow-only one)."""
+        """The mask update due at step ``due``, run at step ``t`` (docs/algorithm.md section
+        3). A prune of a superseded update is not lost: the cubic schedule never rises, so the
+        lowest target of the superseded and the due update is the latest one (the last prune
+        still lands on d_f when its update is superseded by a regrow-only one). Ties break by
+        the update's ``TieBreak`` keys. Two host syncs: the layers' counts after a prune, the
+        number of newly grown weights per layer."""
         targets = (self._prune_target(s) for s in (*self._superseded, due))
         prune_to = min((d for d in targets if d is not None), default=None)
         fraction = self._regrow_fraction(due)
         update = due // self.config.update_interval
+        ties = TieBreak(self.config.seed, update)
         names = sorted(self.params)
         weights = {n: self.params[n].detach().abs() for n in names}
         grads: Tensors = {}
@@ -331,33 +364,37 @@ class GraNet:
             scores = self.sync.average(named)
             weights = {n: scores[f"w/{n}"] for n in names}
             grads = {n: scores[f"g/{n}"] for n in grads}
-        before = self.masks
-        masks = before
+        before = dict(self._active)
+        masks = self.masks
         if prune_to is not None:
             prune = (
                 global_magnitude_prune if self.config.global_prune else layerwise_magnitude_prune
             )
-            masks = prune(weights, masks, prune_to)
+            masks = prune(weights, masks, prune_to, ties, before)
             self._set_masks(masks)
-            self.apply_masks()  # spec 3a: a pruned weight is gone before regrowth
+            self.apply_masks()  # section 3a: a pruned weight is gone before regrowth
         pruned, active = self.masks, dict(self._active)
+        self._warn_empty(before, active, t)
         if fraction is not None:
             if self.spec.regrow == "random":
                 grads = random_scores(pruned, self.config.seed, update)
-            masks = prune_and_regrow(weights, grads, pruned, fraction)
+            masks = prune_and_regrow(weights, grads, pruned, fraction, ties, active)
         self.sync.check(masks, t)
-        self._set_masks(masks)
+        self._set_masks(masks, active)  # regrowth keeps every layer's count
+        if fraction is None:
+            grown = dict.fromkeys(names, 0)
+        else:  # inactive before (b)
+            grown = active_counts({n: masks[n] & ~pruned[n] for n in names})
         layers = {}
         for n in names:
             regrown = 0 if fraction is None else regrow_count(fraction, active[n])
-            grown = int((masks[n] & ~pruned[n]).count_nonzero())  # inactive before (b)
             layers[n] = {
                 "density": self._densities[n],
-                "pruned": int((before[n] & ~pruned[n]).count_nonzero()),
+                "pruned": before[n] - active[n],  # (a) never revives: all are removals
                 "removed": regrown,  # (b) removes r_l and regrows r_l
                 "regrown": regrown,
-                "grown": grown,
-                "rekept": regrown - grown,  # removed and regrown in the same (b)
+                "grown": grown[n],
+                "rekept": regrown - grown[n],  # removed and regrown in the same (b)
             }
         stats: dict[str, Any] = {
             "step": t,
@@ -374,6 +411,20 @@ class GraNet:
             stats["superseded"], self._superseded = self._superseded, []
         self.history.append(stats)
         return stats
+
+    def _warn_empty(self, before: dict[str, int], after: dict[str, int], t: int) -> None:
+        """Warn once for every layer the initial masks (``t`` = 0) or a prune left without an
+        active weight: regrowth keeps a layer's count, so such a layer stays empty (its output
+        constant) for good."""
+        empty = sorted(n for n in after if after[n] == 0 and before[n] > 0)
+        if empty:
+            warnings.warn(
+                f"the masks of step {t} leave {len(empty)} layer(s) without an active weight "
+                f"({', '.join(empty)}): they can never regrow; raise granet.final_density "
+                f"(now {self.config.final_density}) or keep them dense (granet.dense_first, "
+                "granet.dense_last)",
+                stacklevel=3,
+            )
 
     # ---- reporting ----------------------------------------------------------------------
     def density(self) -> float:
@@ -392,6 +443,12 @@ class GraNet:
             t += interval
         return None
 
+    def measure_flops(self, sample: torch.Tensor) -> None:
+        """Record every layer's dense forward FLOPs now, by one eager forward of the input
+        batch ``sample`` through the plain model (eval mode, no gradients). Call it before
+        the first forward of a ``torch.compile``'d model, whose graph then holds no hook."""
+        self._flops.measure(self._net, sample)
+
     def inference_flops(self) -> float | None:
         """Forward FLOPs of the current sparse model / dense, over all Conv / Linear layers
         (kept-dense layers count at density 1). None before the first forward pass."""
@@ -400,7 +457,8 @@ class GraNet:
         return relative_flops(self._flops.flops, self._densities)
 
     def training_flops(self) -> float | None:
-        """sum_t sum_l f_l d_l(t) / (t * sum_l f_l) over the steps so far (spec section 6)."""
+        """sum_t sum_l f_l d_l(t) / (t * sum_l f_l) over the steps so far (docs/algorithm.md
+        section 6)."""
         if not self._flops.flops or self.step_count == 0:
             return None
         mean = {n: s / self.step_count for n, s in self._density_steps.items()}
@@ -458,3 +516,4 @@ class GraNet:
         self.history = list(state["history"])
         self._set_masks({n: m.bool() for n, m in state["masks"].items()})
         self.apply_masks()
+        self._masks_changed()

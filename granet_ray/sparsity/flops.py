@@ -1,4 +1,4 @@
-"""FLOPs of Conv / Linear layers, dense and relative to dense (spec section 6).
+"""FLOPs of Conv / Linear layers, dense and relative to dense (docs/algorithm.md section 6).
 
 A layer's forward FLOPs per sample are 2 x (weight elements) x (output positions): each weight
 is used once per output position (the spatial size for a conv, 1 for a plain linear layer).
@@ -34,8 +34,12 @@ def relative_flops(flops: dict[str, float], densities: dict[str, float]) -> floa
 
 
 class FlopsRecorder:
-    """Measures every Conv / Linear layer's dense forward FLOPs on the model's first forward
-    pass (forward hooks that remove themselves), keyed by weight name."""
+    """Measures every Conv / Linear layer's dense forward FLOPs on the model's first eager
+    forward pass (forward hooks that remove themselves), keyed by weight name.
+
+    While torch.compile traces, the hooks do nothing: a hook that removes itself inside a
+    traced forward would split the compiled graph for good. A compiled model is measured by
+    one eager forward before its first call (``measure``)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.flops: dict[str, float] = {}
@@ -45,12 +49,26 @@ class FlopsRecorder:
 
     def _hook(self, name: str):
         def record(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            if torch.compiler.is_compiling():
+                return
             if name not in self.flops:
                 self.flops[name] = forward_flops(module, output)
             if len(self.flops) == len(self._handles):
                 self.remove()
 
         return record
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module, sample: torch.Tensor) -> None:
+        """Record the FLOPs now: one eager forward of the input batch ``sample`` through the
+        plain ``model`` in eval mode (no batch-norm statistics change), without gradients;
+        the model's training mode is restored."""
+        training = model.training
+        model.eval()
+        try:
+            model(sample)
+        finally:
+            model.train(training)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -18,7 +18,8 @@ def target_density(
     init_density: float,
     final_density: float,
 ) -> float | None:
-    """Cubic gradual-pruning target D_k at a pruning update (spec 3a), else None.
+    """Cubic gradual-pruning target D_k at a pruning update (docs/algorithm.md
+    section 3a), else None.
 
     With k = step // dT, k0 = prune_start // dT, kf = prune_end // dT, a prune happens only at
     ``step % dT == 0`` and k0 < k <= kf, where
@@ -38,9 +39,9 @@ def target_density(
 def regrow_fraction(step: int, period: int, initial: float = 0.5, minimum: float = 0.005) -> float:
     """Cosine-annealed fraction ``minimum + (initial - minimum)(1 + cos(pi t / period)) / 2``.
 
-    GraNet (spec 3b): p_t with p0 = 0.5, p_min = 0.005 over the whole run (period T). The RigL
-    paper (spec 4): f(t) = (alpha / 2)(1 + cos(pi t / T_end)), i.e. initial = alpha = 0.3,
-    minimum = 0 and period = T_end, so it reaches 0 at T_end.
+    GraNet (docs/algorithm.md section 3b): p_t with p0 = 0.5, p_min = 0.005 over the whole run
+    (period T). The RigL paper (section 4): f(t) = (alpha / 2)(1 + cos(pi t / T_end)), i.e.
+    initial = alpha = 0.3, minimum = 0 and period = T_end, so it reaches 0 at T_end.
     """
     return minimum + (initial - minimum) * (1.0 + math.cos(math.pi * step / period)) / 2.0
 
