@@ -18,11 +18,11 @@ run: $(STAMP)
 	$(PY) jobs/mnist_demo.py
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check granet_ray jobs tests benchmarks
+	$(VENV)/bin/ruff check granet_ray jobs tests benchmarks examples
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
-	$(VENV)/bin/ruff check granet_ray jobs tests benchmarks
+	$(VENV)/bin/ruff check granet_ray jobs tests benchmarks examples
 	$(PY) -m pytest -m "not ray and not s3 and not slow"
 
 bench: $(STAMP)

@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from granet_ray.config import GraNetConfig, TrainConfig, preset
 from granet_ray.data import DataBundle, build_datasets
-from granet_ray.distributed import DistributedSync
+from granet_ray.distributed import DistributedSync, register_sparse_allreduce
 from granet_ray.recipe import Sums, build_run, loader_options, train_steps
 
 PHASES = ("tests", "compile", "benchmark", "production")
@@ -354,6 +354,8 @@ def measure(
     run = build_run(
         train, device=device, data=data, loader_workers=loader_workers, wrap=wrap, sync=sync
     )
+    if train.sparse_allreduce and wrap is not None:  # one process: the recipe leaves it out
+        run.allreduce = register_sparse_allreduce(run.model, run.engine)
     if resident is not None:
         run.train_loader = itertools.repeat(resident)  # type: ignore[assignment]
     marks = Marks(device)

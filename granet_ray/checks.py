@@ -7,11 +7,13 @@ check runs once per ``fit`` or sweep: their callers pass the results down.
 from __future__ import annotations
 
 from granet_ray.config import ConfigError, RunSettings, TrainConfig
-from granet_ray.data import DATASET_NAMES
-from granet_ray.models import MODEL_NAMES, build_model
+from granet_ray.data import check_dataset_name
+from granet_ray.data.packed import probe_packed
+from granet_ray.models import build_model, check_model_name
 from granet_ray.recipe import Plan, build_optimizer, check_model_input, load_data, plan_run
 from granet_ray.sparsity import GraNet
 from granet_ray.store import open_storage
+from granet_ray.store.dataset import is_packed
 
 # Datasets whose files may live only on the workers (a shared mount): not read here.
 WORKER_ONLY_DATA = ("imagenet",)
@@ -19,12 +21,12 @@ NEEDS_ROOT = ("cifar10", "imagenet")
 
 
 def check_request(train: TrainConfig, num_workers: int, use_gpu: bool = False) -> None:
-    """The checks that build nothing: names of model and dataset, a data folder where one
-    is needed, options that need GPU workers. Raises ``ConfigError`` naming the field."""
-    if train.model not in MODEL_NAMES:
-        raise ConfigError(f"model={train.model!r} is invalid: must be one of {MODEL_NAMES}")
-    if train.dataset not in DATASET_NAMES:
-        raise ConfigError(f"dataset={train.dataset!r} is invalid: must be one of {DATASET_NAMES}")
+    """The checks that build nothing: names of model and dataset (a reference
+    ``pkg.module:factory`` is imported and must be callable; ``timm:<name>`` needs timm and
+    a model of that name), a data folder where one is needed, options that need GPU workers.
+    Raises ``ConfigError`` naming the field."""
+    check_model_name(train.model)
+    check_dataset_name(train.dataset)
     if train.dataset in NEEDS_ROOT and not train.data_root:
         raise ConfigError(
             f"data_root=None is invalid: dataset={train.dataset!r} needs the folder that "
@@ -44,8 +46,8 @@ def preflight(train: TrainConfig, num_workers: int, use_gpu: bool = False) -> Pl
     process that goes on to train itself, ``check_request`` and ``recipe.build_run`` do
     the same checks without building anything twice."""
     check_request(train, num_workers, use_gpu)
-    if train.dataset in WORKER_ONLY_DATA:
-        return None
+    if train.dataset in WORKER_ONLY_DATA or is_packed(train.data_root):
+        return None  # packed data: check_data reads its index with the run's data options
     data = load_data(train)
     model = build_model(train.model, num_classes=data.num_classes)
     check_model_input(model, data, train)
@@ -58,6 +60,22 @@ def preflight(train: TrainConfig, num_workers: int, use_gpu: bool = False) -> Pl
         steps_per_epoch=plan.steps_per_epoch,
     )
     return plan
+
+
+def check_data(train: TrainConfig, settings: RunSettings) -> None:
+    """A packed ``data_root`` (``s3://`` or a folder with an ``index.json``) is reachable
+    with ``settings.data_options``, its index valid, its first shard verifies and
+    ``train_size`` and the step plan fit (within seconds); raises ``DatasetError`` or the
+    store's ``StorageError`` kinds naming the URI or shard, ``ConfigError`` for
+    ``train_size`` or the plan. Other data is checked by ``preflight``."""
+    if not is_packed(train.data_root):
+        return
+    try:
+        index = probe_packed(str(train.data_root), settings.data_options, train.train_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    size = train.train_size or sum(e.samples for e in index.shards("train"))
+    plan_run(train, size, settings.num_workers)
 
 
 def check_storage(settings: RunSettings) -> None:

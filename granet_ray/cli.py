@@ -5,6 +5,8 @@
     granet-ray sweep ...          a Ray Tune sweep over GraNet schedules
     granet-ray ckpt inspect URI   a checkpoint's tensors (verified)
     granet-ray ckpt export URI OUT
+    granet-ray ckpt gc RUN_URI    a run folder's orphaned data files (--yes deletes)
+    granet-ray ckpt bench URI --model NAME   sparse CPU inference against dense, per layer
 
 Flag groups (each flag has one default and one meaning everywhere, also in grid files):
 recipe (preset, model, data, schedule), scale (workers and failures), storage, output.
@@ -28,6 +30,7 @@ from rich.text import Text
 
 from granet_ray.config import (
     FIELD_CHOICES,
+    KEEP_BEST_METRICS,
     PRESETS,
     TRIAL_DRIVER_CPU,
     ConfigError,
@@ -36,6 +39,7 @@ from granet_ray.config import (
     changes,
     default_storage_path,
     field_kind,
+    is_s3,
     load_preset_file,
     override,
     parse_value,
@@ -72,8 +76,17 @@ class Flag:
 # Every recipe flag, one row each: what ``train``, ``fit`` and ``sweep`` accept besides
 # ``--preset``, ``--preset-file``, ``--synthetic`` and ``--set KEY=VALUE`` (any field).
 RECIPE_FLAGS = (
-    Flag("model", "replace the preset's model (e.g. vgg19_bn)"),
-    Flag("data_root", "the dataset's folder (cifar10, imagenet)"),
+    Flag(
+        "model",
+        "replace the preset's model: a built-in name (e.g. vgg19_bn), pkg.module:factory "
+        "(called as factory(num_classes=N)) or timm:<name> (the timm extra)",
+    ),
+    Flag(
+        "dataset",
+        "replace the preset's dataset: a built-in name or pkg.module:factory (called as "
+        "factory(root=..., seed=...), returning (train, test, num_classes))",
+    ),
+    Flag("data_root", "the dataset's folder (cifar10, imagenet; root= of a factory)"),
     Flag("train_size", "use only this many training samples"),
     Flag(
         "epochs",
@@ -87,6 +100,18 @@ RECIPE_FLAGS = (
     ),
     Flag("max_batch_per_worker", "the most one worker's forward pass takes; more is accumulated"),
     Flag("lr", "the learning rate (after --global-batch scaling)"),
+    Flag("optimizer", "adamw: decoupled weight decay, none on norms, biases and embeddings"),
+    Flag("weight_decay", "the optimizer's weight decay"),
+    Flag(
+        "lr_schedule",
+        "after the warm-up: step (x lr_gamma at lr_milestones) or cosine (down to lr_min at "
+        "the last step)",
+    ),
+    Flag(
+        "grad_clip",
+        "clip gradients to this global L2 norm before each optimizer step",
+        metavar="NORM",
+    ),
     Flag("precision", "autocast precision (auto: bf16 or fp16 on GPUs, fp32 on the CPU)"),
     Flag("channels_last", "conv nets on CUDA in the channels-last memory format"),
     Flag("compile", "run the model through torch.compile"),
@@ -118,6 +143,11 @@ RECIPE_FLAGS = (
         metavar="P0",
     ),
     Flag("granet.prune_scope", "global or per-layer pruning (default: the method's)"),
+    Flag(
+        "granet.keep_dense",
+        "weights kept dense, by parameter or module name pattern (fnmatch), comma-separated",
+        metavar="'PATTERN,...'",
+    ),
 )
 
 
@@ -268,8 +298,18 @@ def add_storage_flags(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--s3-endpoint",
-        help="an S3-compatible endpoint URL; keys from "
-        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, else the AWS default chain",
+        help="an S3-compatible endpoint URL (of --storage and an s3:// --data-root); keys "
+        "from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, else the AWS default chain",
+    )
+    g.add_argument(
+        "--data-cache-gb",
+        type=float,
+        default=RunSettings.data_cache_gb,
+        help="the bound of each node's cache of packed-dataset shards (s3:// --data-root)",
+    )
+    g.add_argument(
+        "--data-cache-dir",
+        help="the folder of that cache (default ~/.cache/granet-ray/data)",
     )
     g.add_argument("--name", help="the run's (or sweep's) folder; a used name resumes it")
     g.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
@@ -277,6 +317,28 @@ def add_storage_flags(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-every-steps",
         type=int,
         help="also a checkpoint every this many global steps inside an epoch",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        metavar="N",
+        help="keep the newest N committed checkpoints of the run (default: all)",
+    )
+    g.add_argument(
+        "--keep-best",
+        metavar="METRIC",
+        help=f"with --keep-checkpoints, also keep the best epoch by METRIC "
+        f"({', '.join(KEEP_BEST_METRICS)})",
+    )
+    watch = parser.add_argument_group("watching")
+    watch.add_argument(
+        "--no-tensorboard",
+        action="store_true",
+        help="no TensorBoard event files (default: in the run's folder, <storage>/<name>/tb)",
+    )
+    watch.add_argument("--mlflow-uri", help="also log to this MLflow tracking URI")
+    watch.add_argument(
+        "--mlflow-experiment", default="granet-ray", help="the MLflow experiment's name"
     )
 
 
@@ -327,21 +389,34 @@ def recipe(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     given = flag_changes(args)
     train = base
     if args.synthetic:
-        dataset = f"synthetic_{train.dataset.removeprefix('synthetic_')}"
+        chosen = str(given.pop("dataset", train.dataset))  # --dataset: the one to stand in for
+        if ":" in chosen:
+            raise ConfigError(
+                f"synthetic=True is invalid for dataset={chosen!r}: a dataset by reference "
+                "has no synthetic stand-in"
+            )
+        dataset = f"synthetic_{chosen.removeprefix('synthetic_')}"
         smoke = {k: v for k, v in SMOKE.items() if k not in given}
         train = override(train, {"dataset": dataset, **smoke})
     train = override(train, given)
     return train, changes(base, train)
 
 
+def s3_options(endpoint: str | None) -> dict[str, Any] | None:
+    """The S3 options of ``--s3-endpoint`` (keys from AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY when set); None without an endpoint (the AWS default chain)."""
+    if not endpoint:
+        return None
+    options: dict[str, Any] = {"endpoint_url": endpoint}
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    return options
+
+
 def run_settings(args: argparse.Namespace, *, sweep: bool = False) -> RunSettings:
     """``RunSettings`` of the scale and storage flags."""
-    options: dict[str, Any] | None = None
-    if args.s3_endpoint:
-        options = {"endpoint_url": args.s3_endpoint}
-        if os.environ.get("AWS_ACCESS_KEY_ID"):
-            options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
-            options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    options = s3_options(args.s3_endpoint)
     cpus = getattr(args, "cpus_per_worker", None)
     if cpus is None:
         cpus = 1.0 - TRIAL_DRIVER_CPU if sweep else 1.0
@@ -353,11 +428,19 @@ def run_settings(args: argparse.Namespace, *, sweep: bool = False) -> RunSetting
         gpus_per_worker=getattr(args, "gpus_per_worker", 0.0),
         cpus_per_worker=cpus,
         storage_path=args.storage,
-        storage_options=options,
+        storage_options=options if is_s3(args.storage) else None,
+        data_options=options,
+        data_cache_dir=args.data_cache_dir,
+        data_cache_gb=args.data_cache_gb,
         name=args.name,
         checkpoint_every=args.checkpoint_every,
         checkpoint_every_steps=args.checkpoint_every_steps,
         max_failures=getattr(args, "max_failures", 1),
+        keep_checkpoints=args.keep_checkpoints,
+        keep_best=args.keep_best,
+        tensorboard=not args.no_tensorboard,
+        mlflow_uri=args.mlflow_uri,
+        mlflow_experiment=args.mlflow_experiment,
     )
 
 
@@ -455,9 +538,12 @@ def device(name: str | None) -> Any:
 
 
 def _evaluate(console: Console, uri: str, train: TrainConfig, run: RunSettings) -> None:
+    from granet_ray.data import StreamOptions
     from granet_ray.outcome import evaluate_checkpoint
 
-    accuracy, density = evaluate_checkpoint(uri, train, storage_options=run.storage_options)
+    accuracy, density = evaluate_checkpoint(
+        uri, train, storage_options=run.storage_options, stream=StreamOptions.of(run)
+    )
     console.print(
         f"loaded {uri} with load_sparse: density {density:.4f} (sparsity {1 - density:.1%}), "
         f"test accuracy of the sparse model [bold]{accuracy:.2%}[/]",
@@ -518,6 +604,35 @@ def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
     return options
 
 
+def cmd_pack(args: argparse.Namespace, console: Console) -> int:
+    """Pack an ImageFolder tree or the CIFAR-10 batches into a sharded dataset."""
+    from granet_ray.data.pack import iter_split_sizes, pack
+    from granet_ray.ui.progress import LiveBar
+
+    options = s3_options(args.s3_endpoint)
+    with LiveBar(console, "pack", status=args.dest, enabled=not args.no_progress) as bar:
+        index = pack(
+            args.src,
+            args.dest,
+            storage_options=options,
+            shard_mb=args.shard_mb,
+            block_shards=args.block_shards,
+            progress=lambda done, total: bar.update(completed=done, total=total),
+        )
+    for split, shards, samples, size in iter_split_sizes(index):
+        console.print(
+            f"{split}: {samples} images in {shards} shards, {size / 2**20:.1f} MB",
+            highlight=False,
+        )
+    console.print(
+        f"packed {len(index.classes)} classes into {index.uri} (fingerprint "
+        f"{index.fingerprint[:16]})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     """A checkpoint's tensors, after verifying every file's size and checksum."""
     from granet_ray.store.summary import summarize
@@ -529,6 +644,35 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     console.print(checkpoint_totals(summary), highlight=False, soft_wrap=True)
     if not args.no_verify:
         console.print(f"verified: {summary.file_count - 1} data files, sizes and sha256 match")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, console: Console) -> int:
+    """List (dry run) or delete a run folder's orphaned checkpoint data files."""
+    from granet_ray.store.gc import collect_orphans, find_orphans
+
+    if args.min_age < 0:
+        raise ConfigError(f"--min-age {args.min_age} is invalid: must be minutes >= 0")
+    options = _storage_options(args.storage_option)
+    orphans = find_orphans(args.run_uri, options, min_age_s=args.min_age * 60)
+    total = sum(o.size for o in orphans)
+    for orphan in orphans:
+        console.print(
+            f"{orphan.name}  {orphan.size:,} bytes  {orphan.age_s / 60:.0f} min old",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if args.yes:
+        collect_orphans(args.run_uri, options, min_age_s=args.min_age * 60, orphans=orphans)
+        verb = "deleted"
+    else:
+        verb = "would delete (dry run; --yes deletes)"
+    console.print(
+        f"{verb} {len(orphans)} orphaned file(s), {total:,} bytes, older than "
+        f"{args.min_age:g} min in {args.run_uri}",
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -544,6 +688,21 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(f"wrote {out}", highlight=False, soft_wrap=True)
     return 0
+
+
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    """Time the checkpoint's model dense and converted for sparse CPU inference."""
+    from granet_ray.ui.inference_table import bench_checkpoint
+
+    return bench_checkpoint(
+        args.uri,
+        args.model,
+        batch=args.batch,
+        threads=args.threads,
+        repeats=args.repeats,
+        storage_options=_storage_options(args.storage_option),
+        console=console,
+    )
 
 
 # ---- the parser and main --------------------------------------------------------------------
@@ -600,6 +759,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_flags(sweep)
     sweep.set_defaults(handler=cmd_sweep)
 
+    data = commands.add_parser("data", help="pack datasets for streaming")
+    data_verbs = data.add_subparsers(dest="verb", required=True, metavar="VERB")
+    packer = data_verbs.add_parser(
+        "pack",
+        help="an ImageFolder tree (train/, val/) or the CIFAR-10 batches as a sharded dataset",
+        formatter_class=formatter,
+    )
+    packer.add_argument("src", help="ImageFolder tree or CIFAR-10 python batches folder")
+    packer.add_argument("dest", help="a local folder or s3://bucket/prefix")
+    packer.add_argument("--shard-mb", type=float, default=64.0, help="megabytes per shard")
+    packer.add_argument(
+        "--block-shards",
+        type=int,
+        default=8,
+        help="shards per shuffle block: each node's cache holds two blocks",
+    )
+    packer.add_argument(
+        "--s3-endpoint",
+        help="an S3-compatible endpoint URL; keys from AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY, else the AWS default chain",
+    )
+    packer.add_argument("--no-progress", action="store_true", help="no progress bar")
+    packer.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    packer.set_defaults(handler=cmd_pack)
+
     ckpt = commands.add_parser("ckpt", help="inspect and export sparse checkpoints")
     verbs = ckpt.add_subparsers(dest="verb", required=True, metavar="VERB")
     inspect = verbs.add_parser("inspect", help="per-tensor density and bytes, verified")
@@ -622,6 +806,45 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="output .safetensors path (local or s3://)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     export.set_defaults(handler=cmd_export)
+    gc = verbs.add_parser(
+        "gc",
+        help="remove data files no committed manifest references (a killed save's)",
+        formatter_class=formatter,
+    )
+    gc.add_argument("run_uri", help="a run's folder: local path, file:// or s3://bucket/prefix")
+    gc.add_argument("--yes", action="store_true", help="delete them (default: only list them)")
+    gc.add_argument(
+        "--min-age",
+        type=float,
+        default=60.0,
+        help="minutes: younger files may belong to a save still in flight and are kept",
+    )
+    gc.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="s3fs option for s3:// URIs, repeatable (key, secret, endpoint_url)",
+    )
+    gc.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    gc.set_defaults(handler=cmd_gc)
+    bench = verbs.add_parser(
+        "bench",
+        help="sparse CPU inference against dense: latency per layer and whole model",
+        formatter_class=formatter,
+    )
+    bench.add_argument("uri", help="checkpoint: local path, file:// or s3://bucket/prefix")
+    bench.add_argument("--model", required=True, help="the checkpoint's model, e.g. resnet50")
+    bench.add_argument("--batch", type=int, default=32, help="the batch besides batch 1")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    bench.add_argument("--repeats", type=int, default=5, help="whole-model timings per path")
+    bench.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="s3fs option for s3:// URIs, repeatable (key, secret, endpoint_url)",
+    )
+    bench.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 
@@ -676,10 +899,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def job(*fixed: str) -> Callable[[Sequence[str] | None], int]:
     """A job script's ``main``: this command line with ``fixed`` first, then the script's own
-    arguments (``sys.argv[1:]``, or the list given), so the user's flags come last."""
+    arguments (``sys.argv[1:]``, or the list given), so the user's flags come last. A job's
+    ``--preset`` is its default recipe: the user's ``--preset`` or ``--preset-file``
+    replaces it."""
 
     def run(argv: Sequence[str] | None = None) -> int:
-        return main([*fixed, *(sys.argv[1:] if argv is None else argv)])
+        given = list(sys.argv[1:] if argv is None else argv)
+        base = list(fixed)
+        if "--preset" in base and any(
+            a.split("=")[0] in ("--preset", "--preset-file") for a in given
+        ):
+            at = base.index("--preset")
+            del base[at : at + 2]
+        return main([*base, *given])
 
     return run
 

@@ -85,7 +85,7 @@ def _normalize(config: Any) -> None:
                 isinstance(value, Sequence) and not isinstance(value, str),
                 f.name,
                 value,
-                "a list of numbers",
+                "a list of names" if "str" in kind else "a list of numbers",
             )
             object.__setattr__(config, f.name, tuple(_plain(v) for v in value))
         else:
@@ -174,11 +174,13 @@ METHODS: dict[str, MethodSpec] = {
 }
 ALLOCATIONS = ("erk", "uniform")
 PRUNE_SCOPES = ("global", "layer")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("step", "cosine")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # The fields that take one of a few names, by override key (validation and flags read it).
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS,
+    "lr_schedule": LR_SCHEDULES,
     "precision": PRECISIONS,
     "granet.method": tuple(METHODS),
     "granet.prune_scope": PRUNE_SCOPES,
@@ -199,6 +201,8 @@ class GraNetConfig:
     regrow_end: last epoch with regrowth (None: the method's; RigL / SET 75% of training).
     allocation: erk | uniform, per-layer initial densities when starting sparse.
     dense_first, dense_last: keep the first conv / last linear layer dense (not prunable).
+    keep_dense: name patterns (``fnmatch``, e.g. ``patch.*``) of weights kept dense, matched
+    against parameter and module names; a comma-separated string is split into patterns.
     seed: seeds every random draw, together with the update index and the layer name.
     """
 
@@ -215,10 +219,21 @@ class GraNetConfig:
     allocation: str = "erk"
     dense_first: bool = False
     dense_last: bool = False
+    keep_dense: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.keep_dense, str):
+            object.__setattr__(self, "keep_dense", (self.keep_dense,))
         _normalize(self)
+        check(
+            all(isinstance(p, str) for p in self.keep_dense),
+            "keep_dense",
+            self.keep_dense,
+            "name patterns such as 'patch.*,head.*'",
+        )
+        patterns = tuple(q.strip() for p in self.keep_dense for q in p.split(",") if q.strip())
+        object.__setattr__(self, "keep_dense", patterns)
         check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
         check(
             self.allocation in ALLOCATIONS,
@@ -370,8 +385,16 @@ class TrainConfig:
     B / W (docs/algorithm.md section 5). max_batch_per_worker: the most one worker's forward
     pass takes; beyond it the worker accumulates gradients over several micro-batches (None:
     no limit).
-    lr_milestones: epochs where the LR is multiplied by lr_gamma; warmup_epochs: linear
-    warm-up from 0 first. weight_decay_norm=False: no weight decay on normalization layers.
+    model, dataset: a built-in name, ``pkg.module:factory`` (a user's factory, see
+    ``granet_ray.reference``) or, for models, ``timm:<name>``.
+    optimizer: sgd (momentum, nesterov), adam, or adamw (decoupled weight decay, none on
+    norms, biases and embeddings). weight_decay_norm=False: sgd and adam put no weight decay
+    on normalization layers.
+    lr_schedule: ``step`` (x lr_gamma at each epoch of lr_milestones) or ``cosine`` (from lr
+    down to lr_min over the run's global steps; lr_milestones unused); warmup_epochs: a
+    linear warm-up from 0 first, in either. grad_clip: clip the gradient to this global L2
+    norm before each optimizer step (None: no clipping), computed over the gradient that
+    trains (inactive weights' gradients left out), after the all-reduce and fp16 unscaling.
     precision: fp32 | fp16 | bf16 autocast (GradScaler for fp16 only), or auto: bf16 where the
     GPU supports it, else fp16 on CUDA, fp32 on the CPU. channels_last: conv nets on CUDA in
     the channels-last memory format. compile: run the model through ``torch.compile``.
@@ -397,6 +420,9 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] = (6,)
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
+    lr_schedule: str = "step"
+    lr_min: float = 0.0
+    grad_clip: float | None = None
     label_smoothing: float = 0.0
     precision: str = "auto"
     channels_last: bool = True
@@ -483,6 +509,24 @@ class TrainConfig:
             f"a number in [0, epochs={self.epochs})",
         )
         check(
+            self.lr_schedule in LR_SCHEDULES,
+            "lr_schedule",
+            self.lr_schedule,
+            f"one of {', '.join(LR_SCHEDULES)}",
+        )
+        check(
+            is_number(self.lr_min) and 0.0 <= self.lr_min <= self.lr,
+            "lr_min",
+            self.lr_min,
+            f"a number in [0, lr={self.lr}] (the cosine schedule's floor)",
+        )
+        check(
+            self.grad_clip is None or (is_number(self.grad_clip) and self.grad_clip > 0),
+            "grad_clip",
+            self.grad_clip,
+            "None or a global gradient norm > 0",
+        )
+        check(
             is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0,
             "label_smoothing",
             self.label_smoothing,
@@ -507,6 +551,7 @@ class TrainConfig:
         """Plain JSON-able dict (for Ray's ``train_loop_config``, checkpoints, preset files)."""
         data = dataclasses.asdict(self)
         data["lr_milestones"] = list(self.lr_milestones)
+        data["granet"]["keep_dense"] = list(self.granet.keep_dense)
         return data
 
     @classmethod
@@ -631,8 +676,8 @@ def with_epochs(train: TrainConfig, epochs: int) -> TrainConfig:
 
 def with_global_batch(train: TrainConfig, global_batch: int) -> TrainConfig:
     """``train`` at another global batch B' (docs/algorithm.md section 5): the LR scaled linearly
-    (x B' / B, warm-up kept) and ``update_interval`` inversely (x B / B', at least 1), so mask
-    updates stay at the same points in epochs."""
+    (``lr`` and ``lr_min`` x B' / B, warm-up kept) and ``update_interval`` inversely (x B / B',
+    at least 1), so mask updates stay at the same points in epochs."""
     check(
         is_int(global_batch) and global_batch > 0,
         "global_batch",
@@ -645,6 +690,7 @@ def with_global_batch(train: TrainConfig, global_batch: int) -> TrainConfig:
     return train.replace(
         global_batch=global_batch,
         lr=train.lr * factor,
+        lr_min=train.lr_min * factor,
         granet={"update_interval": max(1, round(train.granet.update_interval / factor))},
     )
 
@@ -768,6 +814,8 @@ def parse_value(key: str, text: str) -> Any:
     kind = field_kind(key)
     if "None" in kind and text.strip().lower() in ("none", "null", ""):
         return None
+    if kind.startswith("tuple[str") and not text.lstrip().startswith("["):
+        return [p.strip() for p in text.split(",") if p.strip()]  # patterns: 'patch.*,head.*'
     try:
         if kind.startswith(("tuple", "list")):
             value = yaml.safe_load(text)
@@ -857,6 +905,17 @@ def is_s3(path: str) -> bool:
     return path.startswith("s3://")
 
 
+# The metrics ``RunSettings.keep_best`` may name (of ``events.EpochMetrics``), and which way
+# is better.
+KEEP_BEST_METRICS: dict[str, str] = {
+    "val_accuracy": "max",
+    "accuracy": "max",
+    "train_accuracy": "max",
+    "val_loss": "min",
+    "train_loss": "min",
+}
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Where and how a run executes.
@@ -874,6 +933,16 @@ class RunSettings:
     checkpoint_every_steps: also a checkpoint every that many global steps inside an epoch
     (None: only at epoch ends). max_failures: worker-group failures to recover from the
     latest checkpoint (-1: no limit).
+    keep_checkpoints: keep the newest N committed checkpoints of the run (None: keep all);
+    keep_best: also keep the epoch-end checkpoint best by this metric (a key of
+    ``KEEP_BEST_METRICS``; needs keep_checkpoints). tensorboard: event files in the run's
+    ``tb/`` folder. mlflow_uri / mlflow_experiment: also log to this MLflow tracking URI
+    (None: no MLflow) under that experiment. lease_renew_s: seconds between renewals of the
+    run's lease on its folder (``store.lease``: it expires after 3 missed renewals).
+    data_options: S3 credentials and endpoint of an ``s3://`` ``data_root`` (a packed
+    dataset; the keys of storage_options; never written into a checkpoint). data_cache_dir,
+    data_cache_gb: each node's cache of packed-dataset shards (None:
+    ``~/.cache/granet-ray/data``) and its bound in GB.
     """
 
     num_workers: int = 1
@@ -887,6 +956,15 @@ class RunSettings:
     checkpoint_every: int = 1
     checkpoint_every_steps: int | None = None
     max_failures: int = 1
+    keep_checkpoints: int | None = None
+    keep_best: str | None = None
+    tensorboard: bool = True
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "granet-ray"
+    lease_renew_s: float = 30.0
+    data_options: dict[str, Any] | None = None
+    data_cache_dir: str | None = None
+    data_cache_gb: float = 8.0
 
     def __post_init__(self) -> None:
         _normalize(self)
@@ -983,6 +1061,67 @@ class RunSettings:
             self.max_failures,
             "an integer >= -1 (-1: no limit)",
         )
+        check(
+            self.data_options is None
+            or (
+                isinstance(self.data_options, dict)
+                and set(self.data_options) <= set(S3_OPTION_KEYS)
+            ),
+            "data_options",
+            self.data_options,
+            f"None or a dict with keys among {', '.join(S3_OPTION_KEYS)}",
+        )
+        check(
+            self.data_cache_dir is None
+            or (isinstance(self.data_cache_dir, str) and bool(self.data_cache_dir)),
+            "data_cache_dir",
+            self.data_cache_dir,
+            "None or a local folder",
+        )
+        check(
+            is_number(self.data_cache_gb) and self.data_cache_gb > 0,
+            "data_cache_gb",
+            self.data_cache_gb,
+            "a number of GB > 0",
+        )
+        check(
+            self.keep_checkpoints is None
+            or (is_int(self.keep_checkpoints) and self.keep_checkpoints >= 1),
+            "keep_checkpoints",
+            self.keep_checkpoints,
+            "None (keep all) or a positive integer",
+        )
+        check(
+            self.keep_best is None or self.keep_best in KEEP_BEST_METRICS,
+            "keep_best",
+            self.keep_best,
+            f"None or one of {', '.join(KEEP_BEST_METRICS)}",
+        )
+        check(
+            self.keep_best is None or self.keep_checkpoints is not None,
+            "keep_best",
+            self.keep_best,
+            "None unless keep_checkpoints is set (without it every checkpoint is kept)",
+        )
+        check(isinstance(self.tensorboard, bool), "tensorboard", self.tensorboard, "a bool")
+        check(
+            self.mlflow_uri is None or (isinstance(self.mlflow_uri, str) and bool(self.mlflow_uri)),
+            "mlflow_uri",
+            self.mlflow_uri,
+            "None or a tracking URI (file:/path, sqlite:///..., http://host:port)",
+        )
+        check(
+            isinstance(self.mlflow_experiment, str) and bool(self.mlflow_experiment.strip()),
+            "mlflow_experiment",
+            self.mlflow_experiment,
+            "a non-empty experiment name",
+        )
+        check(
+            is_number(self.lease_renew_s) and self.lease_renew_s > 0,
+            "lease_renew_s",
+            self.lease_renew_s,
+            "a number of seconds > 0",
+        )
 
     @property
     def use_gpu(self) -> bool:
@@ -1012,6 +1151,8 @@ class RunSettings:
 
 
 def run_name(train: TrainConfig) -> str:
-    """A unique run name: ``granet-<model>-<method>-<UTC time>-<4 hex>``."""
+    """A unique run name: ``granet-<model>-<method>-<UTC time>-<4 hex>`` (a model reference's
+    last name, ``pkg.nets:small_vit`` -> ``small_vit``, other characters as ``-``)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return f"granet-{train.model}-{train.granet.method}-{stamp}-{secrets.token_hex(2)}"
+    model = re.sub(r"[^A-Za-z0-9_.-]", "-", train.model.rpartition(":")[2])
+    return f"granet-{model}-{train.granet.method}-{stamp}-{secrets.token_hex(2)}"

@@ -12,12 +12,14 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from granet_ray.checks import check_request, check_storage
+from granet_ray.checks import check_data, check_request, check_storage
 from granet_ray.config import RunSettings, TrainConfig
+from granet_ray.data import StreamOptions
 from granet_ray.distributed import DistributedSync, is_initialized
 from granet_ray.outcome import FitOutcome
 from granet_ray.recipe import Hooks, build_run
 from granet_ray.session import FolderCheckpoints, conclude, named, train_session
+from granet_ray.store.lease import RunLease
 from granet_ray.ui import console as default_console
 from granet_ray.ui.progress import RunView
 
@@ -66,22 +68,28 @@ def fit_local(
     Raises:
         ConfigError: a value that cannot work, naming the field (before training).
         StorageError: the storage cannot be reached or written (before training).
+        LeaseHeldError: another live run holds the run's folder (before training).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_request(train, 1, device.type == "cuda")
+    check_data(train, settings)
     check_storage(settings)
     settings = named(settings, train)
     console = console or default_console()
     distributed = is_initialized()
-    run = build_run(
-        train,
-        device=device,
-        wrap=(lambda model: wrap_ddp(model, device)) if distributed else None,
-        sync=DistributedSync() if distributed else None,
-        loader_workers=default_loader_workers(device) if loader_workers is None else loader_workers,
-    )
-    with RunView(console, enabled=progress) as view:
-        train_session(
-            run, settings, checkpoints=FolderCheckpoints(settings), send=view.show, hooks=hooks
+    with RunLease(settings.run_uri, settings.storage_options, renew_s=settings.lease_renew_s):
+        run = build_run(
+            train,
+            device=device,
+            wrap=(lambda model: wrap_ddp(model, device)) if distributed else None,
+            sync=DistributedSync() if distributed else None,
+            loader_workers=default_loader_workers(device)
+            if loader_workers is None
+            else loader_workers,
+            stream=StreamOptions.of(settings),
         )
-    return conclude(train, settings, console=console, summary=summary)
+        with RunView(console, enabled=progress) as view:
+            train_session(
+                run, settings, checkpoints=FolderCheckpoints(settings), send=view.show, hooks=hooks
+            )
+        return conclude(train, settings, console=console, summary=summary)

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from granet_ray.config import RunSettings, TrainConfig
-from granet_ray.data import build_datasets
+from granet_ray.data import StreamOptions, build_datasets
 from granet_ray.events import FitOutcome
 from granet_ray.models import build_model
 from granet_ray.recipe import evaluate_model
@@ -54,11 +54,15 @@ def finish(train: TrainConfig, run: RunSettings, checkpoint_uri: str) -> FitOutc
 
 
 def evaluate_checkpoint(
-    uri: str, train: TrainConfig, storage_options: dict[str, Any] | None = None
+    uri: str,
+    train: TrainConfig,
+    storage_options: dict[str, Any] | None = None,
+    stream: StreamOptions | None = None,
 ) -> tuple[float, float]:
     """(test accuracy, density of the masked weights) of the sparse model in the checkpoint
-    at ``uri``, loaded with ``load_sparse`` into a fresh ``train.model`` in this process."""
-    data = build_datasets(train.dataset, train.data_root, seed=train.seed)
+    at ``uri``, loaded with ``load_sparse`` into a fresh ``train.model`` in this process
+    (a packed ``data_root`` read as ``stream`` says)."""
+    data = build_datasets(train.dataset, train.data_root, seed=train.seed, stream=stream)
     model = build_model(train.model, num_classes=data.num_classes)
     checkpoint = load_sparse(uri, model=model, storage_options=storage_options)
     loader = DataLoader(data.test, batch_size=256)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from granet_ray.config import ConfigError, TrainConfig
-from granet_ray.data import DataBundle, build_datasets
+from granet_ray.data import DataBundle, StreamOptions, build_datasets
 from granet_ray.data.sharding import (
     MicroBatchSampler,
     StepShare,
@@ -39,6 +40,7 @@ from granet_ray.data.sharding import (
 from granet_ray.distributed import SparseAllReduce, register_sparse_allreduce, sum_across_workers
 from granet_ray.events import EpochEnded, EpochMetrics, Event, Started, Stepped
 from granet_ray.models import build_model
+from granet_ray.sample_seeds import EpochSampler, SampleSeeded
 from granet_ray.sparsity import GraNet, MaskSync, unwrap
 
 _NORM_LAYERS = (
@@ -84,13 +86,40 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def no_decay_parameters(model: nn.Module) -> set[int]:
+    """The ``id``s of the parameters AdamW leaves undecayed: biases and every other parameter
+    of fewer than 2 dimensions, those of normalization layers and ``nn.Embedding``, and the
+    ones the model names in its own ``no_weight_decay()`` (timm's convention, e.g. position
+    embeddings and class tokens)."""
+    skip = {id(p) for p in model.parameters() if p.dim() < 2}
+    for module in model.modules():
+        if isinstance(module, (*_NORM_LAYERS, nn.Embedding, nn.EmbeddingBag)):
+            skip.update(id(p) for p in module.parameters(recurse=False))
+    named = getattr(model, "no_weight_decay", None)
+    if callable(named):
+        keys = set(named())
+        for name, param in model.named_parameters():
+            if name in keys or name.split(".")[0] in keys:
+                skip.add(id(param))
+    return skip
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum) or Adam. With ``weight_decay_norm=False`` the parameters of
-    normalization layers (BatchNorm, GroupNorm, LayerNorm, ...) get no weight decay. On CUDA
-    the fused implementation: one kernel per step, and a GradScaler hands it the overflow flag
-    on the device instead of reading it every step."""
+    """SGD (Nesterov momentum), Adam or AdamW. With ``weight_decay_norm=False`` the
+    parameters of normalization layers (BatchNorm, GroupNorm, LayerNorm, ...) get no weight
+    decay under SGD and Adam; AdamW's decoupled decay never touches norms, biases and
+    embeddings (``no_decay_parameters``). On CUDA the fused implementation: one kernel per
+    step, and a GradScaler hands it the overflow flag on the device instead of reading it
+    every step."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused: dict[str, Any] = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    if cfg.optimizer == "adamw":
+        skip = no_decay_parameters(model)
+        groups_w: list[dict[str, Any]] = [
+            {"params": [p for p in params if id(p) not in skip]},
+            {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups_w, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     if cfg.weight_decay_norm:
         groups: list[dict[str, Any]] = [{"params": params}]
     else:
@@ -118,10 +147,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     """LR multiplier before global optimizer step ``step`` (0-based): linear warm-up over
-    ``warmup_epochs``, then x ``lr_gamma`` at each epoch of ``lr_milestones``."""
+    ``warmup_epochs``, then for ``lr_schedule="step"`` x ``lr_gamma`` at each epoch of
+    ``lr_milestones``, for ``"cosine"`` a half cosine from 1 down to ``lr_min / lr`` at the
+    run's last step (``epochs * steps_per_epoch`` global steps in all)."""
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
         return min(1.0, (step + 1) / warmup)
+    if cfg.lr_schedule == "cosine":
+        floor = cfg.lr_min / cfg.lr
+        last = cfg.epochs * steps_per_epoch - 1  # the last step's index
+        start = math.ceil(warmup)
+        progress = min(1.0, (step - start) / max(1, last - start))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     milestones = sorted(m * steps_per_epoch for m in cfg.lr_milestones)
     return cfg.lr_gamma ** bisect.bisect_right(milestones, step)
 
@@ -166,12 +203,17 @@ def plan_run(train: TrainConfig, train_size: int, num_workers: int) -> Plan:
 # ---- building a run -------------------------------------------------------------------------
 
 
-def load_data(train: TrainConfig) -> DataBundle:
-    """The datasets of ``train``; a missing or unreadable dataset raises ``ConfigError`` with
-    the data builder's message (which names the field)."""
+def load_data(train: TrainConfig, stream: StreamOptions | None = None) -> DataBundle:
+    """The datasets of ``train`` (a packed ``data_root`` read as ``stream`` says); a missing
+    or unreadable dataset raises ``ConfigError`` with the data builder's message (which names
+    the field)."""
     try:
         return build_datasets(
-            train.dataset, train.data_root, train_size=train.train_size, seed=train.seed
+            train.dataset,
+            train.data_root,
+            train_size=train.train_size,
+            seed=train.seed,
+            stream=stream,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise ConfigError(str(err)) from None
@@ -179,21 +221,32 @@ def load_data(train: TrainConfig) -> DataBundle:
 
 def check_model_input(model: nn.Module, data: DataBundle, train: TrainConfig) -> None:
     """``ConfigError`` unless ``model`` (on the CPU, just built) takes two of the dataset's
-    test images: a model and dataset that do not fit fail here, naming both, instead of in
-    the first training step. The model stays in its mode; no gradient, no state changes."""
-    images = torch.stack([data.test[i][0] for i in range(min(2, len(data.test)))])
+    test inputs and returns one score per class for each: a model and dataset that do not
+    fit fail here, naming both, instead of in the first training step. The model stays in
+    its mode; no gradient, no state changes."""
+    count = min(2, len(data.test))  # type: ignore[arg-type]
+    inputs = torch.stack([data.test[i][0] for i in range(count)])
     mode = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(images)
-    except RuntimeError as err:
+            output = model(inputs)
+    except Exception as err:
+        text = str(err).strip().splitlines()
         raise ConfigError(
-            f"model={train.model!r} does not accept dataset={train.dataset!r} images of shape "
-            f"{tuple(data.input_shape)}: {str(err).splitlines()[0]}"
+            f"model={train.model!r} does not accept dataset={train.dataset!r} inputs of shape "
+            f"{tuple(data.input_shape)}: {type(err).__name__}: {text[0] if text else ''}"
         ) from None
     finally:
         model.train(mode)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+    if shape != (count, data.num_classes):
+        got = type(output).__name__ if shape is None else f"shape {list(shape)}"
+        raise ConfigError(
+            f"model={train.model!r} is invalid: it returns {got} for a batch of {count} "
+            f"dataset={train.dataset!r} inputs; training needs one score per class: "
+            f"[{count}, {data.num_classes}]"
+        )
 
 Wrap = Callable[[nn.Module], nn.Module]
 
@@ -263,6 +316,7 @@ def build_run(
     sync: MaskSync | None = None,
     loader_workers: int = 0,
     data: DataBundle | None = None,
+    stream: StreamOptions | None = None,
     channels_last: bool | None = None,
 ) -> Run:
     """Assemble ``train`` for worker ``rank`` of ``world`` on ``device``.
@@ -270,6 +324,7 @@ def build_run(
     wrap: turns the model (on its device) into what the loop calls, e.g. DDP
     (``ray.train.torch.prepare_model``). sync: the engine's cross-worker agreement.
     loader_workers: data-loader processes. data: the datasets, when already built.
+    stream: how a packed ``data_root`` is read (S3 options, shard cache).
     channels_last: the memory format of a conv net and its inputs (None: channels-last on
     CUDA when ``train.channels_last``; True also on the CPU, e.g. to test that path).
     Seeds every RNG with ``train.seed`` first, so every worker starts from the same weights
@@ -279,7 +334,7 @@ def build_run(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if data is None:
-        data = load_data(train)
+        data = load_data(train, stream)
     plan = plan_run(train, len(data.train), world)  # type: ignore[arg-type]
     net = build_model(train.model, num_classes=data.num_classes)
     check_model_input(net, data, train)
@@ -305,13 +360,20 @@ def build_run(
         sync=sync,
     )
     if train.compile:  # FLOPs by one eager forward, so the compiled graph holds no hook
-        engine.measure_flops(torch.zeros(1, *data.input_shape, device=device))
-    allreduce = register_sparse_allreduce(model, engine) if train.sparse_allreduce else None
+        engine.measure_flops(data.test[0][0].unsqueeze(0).to(device))
+    # Only where it can save something: a group of several training processes (a one-process
+    # DDP group, e.g. to measure the hook, registers it with register_sparse_allreduce).
+    allreduce = (
+        register_sparse_allreduce(model, engine) if train.sparse_allreduce and world > 1 else None
+    )
     precision = resolve_precision(train.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    sampler = MicroBatchSampler()
+    sampler = EpochSampler() if loader_workers else MicroBatchSampler()
     options = loader_options(device, loader_workers)
-    train_loader = DataLoader(data.train, batch_sampler=sampler, **options)
+    train_set = SampleSeeded(data.train, train.seed) if loader_workers else data.train
+    if loader_workers:  # loader processes draw their seeds from their own generator
+        options["generator"] = torch.Generator().manual_seed(worker_seed(train.seed, rank))
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **options)
     shard = Subset(data.test, range(rank, len(data.test), world))  # type: ignore[arg-type]
     test_loader = DataLoader(shard, batch_size=max(1, plan.global_batch // world), **options)
     seed_everything(worker_seed(train.seed, rank))  # the same weights, own augmentation
@@ -395,10 +457,46 @@ class StepInfo:
     update: dict[str, Any] | None
 
 
+@torch.no_grad()
+def clip_gradients(optimizer: torch.optim.Optimizer, engine: GraNet, max_norm: float) -> None:
+    """Scale every gradient the optimizer holds by ``min(1, max_norm / norm)``, where ``norm``
+    is the global L2 norm of the gradient that trains: a prunable weight's gradient counts at
+    its active positions only (inactive weights are masked after the step; their gradients
+    only rank regrowth, and the sparse all-reduce does not send them). So the norm is the
+    same with or without the sparse all-reduce, on every worker, and scaling keeps the
+    regrowth ranking. Runs after the all-reduce (and after fp16 unscaling); no host sync."""
+    masks = {id(p): engine.masks[n] for n, p in engine.params.items()}
+    grads = [
+        p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    ]
+    if not grads:
+        return
+    counted = [
+        g * masks[id(p)] if id(p) in masks else g
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if (g := p.grad) is not None
+    ]
+    norms = torch._foreach_norm(counted)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, scale)
+
+
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
     """DDP's ``no_sync`` (gradients accumulate locally), or nothing for a plain model."""
     inner = getattr(model, "_orig_mod", model)
     return inner.no_sync() if hasattr(inner, "no_sync") else contextlib.nullcontext()
+
+
+def dataset_order(dataset: Any, seed: int, epoch: int) -> dict[str, np.ndarray]:
+    """``epoch_shares``' ``order`` and ``keys`` for a dataset with an order of its own (a
+    packed dataset: its block shuffle, and the shard of each sample, so that each worker
+    reads few shards); none for others (``sharding.epoch_order``)."""
+    order = getattr(dataset, "epoch_order", None)
+    if order is None:
+        return {}
+    return {"order": order(seed, epoch), "keys": dataset.sample_shards}
 
 
 def train_steps(run: Run, epoch: int, sums: Sums, *, start_step: int = 0) -> Iterator[StepInfo]:
@@ -418,8 +516,14 @@ def train_steps(run: Run, epoch: int, sums: Sums, *, start_step: int = 0) -> Ite
         world=run.world,
         max_batch=run.train.max_batch_per_worker,
         start_step=start_step,
+        **dataset_order(run.data.train, run.train.seed, epoch),
     )
     run.sampler.shares = shares
+    if isinstance(run.sampler, EpochSampler):
+        run.sampler.epoch = epoch
+    follow = getattr(run.data.train, "follow", None)  # a streamed dataset prefetches
+    if follow is not None:
+        follow(shares)
     batches = iter(run.train_loader)
     for share in shares:
         run.optimizer.zero_grad(set_to_none=True)
@@ -441,6 +545,9 @@ def train_steps(run: Run, epoch: int, sums: Sums, *, start_step: int = 0) -> Ite
             sums.correct += (logits.argmax(dim=1) == targets).sum()
         if run.scaler is not None:
             run.scaler.unscale_(run.optimizer)
+        if run.train.grad_clip is not None:
+            clip_gradients(run.optimizer, run.engine, run.train.grad_clip)
+        if run.scaler is not None:
             run.scaler.step(run.optimizer)
             run.scaler.update()
         else:

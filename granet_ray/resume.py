@@ -88,6 +88,7 @@ def checkpoint_metadata(run: Run, position: Position, rngs: list[dict[str, Any]]
         "epochs": position.epochs,
         "resizes": run.resizes,
         "rng": rngs,
+        "data_fingerprint": getattr(run.data.train, "fingerprint", None),
     }
 
 
@@ -109,9 +110,13 @@ def save_checkpoint(
     )
 
 
-def check_resumable(metadata: dict[str, Any], train: TrainConfig) -> None:
+def check_resumable(
+    metadata: dict[str, Any], train: TrainConfig, fingerprint: str | None = None
+) -> None:
     """Raise ``ConfigError`` unless a checkpoint was written by this very run configuration
-    (all ``TrainConfig`` fields but ``RUNTIME_FIELDS``), naming the fields that differ."""
+    (all ``TrainConfig`` fields but ``RUNTIME_FIELDS``), naming the fields that differ, and
+    on the same packed dataset (``fingerprint``, the dataset's now: the data_root may move,
+    its contents may not), naming both."""
     if metadata.get("kind") != METADATA_KIND or metadata.get("version") != METADATA_VERSION:
         raise ConfigError(
             f"the run's latest checkpoint was not written by {METADATA_KIND} "
@@ -121,11 +126,23 @@ def check_resumable(metadata: dict[str, Any], train: TrainConfig) -> None:
     changed = sorted(
         name for name in _diff(metadata["train"], ours) if name.split(".")[0] not in RUNTIME_FIELDS
     )
+    recorded = metadata.get("data_fingerprint")
+    if recorded != fingerprint:
+        before = metadata["train"].get("data_root")
+        raise ConfigError(
+            f"data_root={train.data_root!r} ({_packed(fingerprint)}) is not the dataset the "
+            f"run's latest checkpoint trained on ({before!r}, {_packed(recorded)}): resume on "
+            "that dataset or choose a new run name"
+        )
     if changed:
         raise ConfigError(
             f"{', '.join(changed)} differ(s) from the run's latest checkpoint: a run resumes "
             "only with the configuration it started with; choose a new run name"
         )
+
+
+def _packed(fingerprint: str | None) -> str:
+    return f"packed dataset {fingerprint[:16]}" if fingerprint else "not a packed dataset"
 
 
 def _match_memory_format(optimizer: torch.optim.Optimizer) -> None:
@@ -171,7 +188,7 @@ def restore(run: Run, uri: str, storage_options: dict[str, Any] | None = None) -
         uri, model=run.net, map_location=run.device, storage_options=storage_options
     )
     meta = loaded.metadata
-    check_resumable(meta, run.train)
+    check_resumable(meta, run.train, getattr(run.data.train, "fingerprint", None))
     named = run.net.named_parameters()
     run.optimizer.load_state_dict(
         optimizer_state_from_names(loaded.optimizer_state, run.optimizer, named)

@@ -9,6 +9,7 @@ where its progress events go.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 from rich.console import Console
@@ -32,12 +33,16 @@ from granet_ray.resume import (
     rng_state,
     save_checkpoint,
 )
-from granet_ray.store import latest_checkpoint
+from granet_ray.retention import apply_retention
+from granet_ray.store import CheckpointError, latest_checkpoint
+from granet_ray.store.gc import RESUME_MIN_AGE_S, collect_orphans
 from granet_ray.ui.tables import layer_table, outcome_table
+from granet_ray.watch import watch_hooks
 
 
 class FolderCheckpoints(Hooks):
-    """Writes the due checkpoints of a run in this process into its folder."""
+    """Writes the due checkpoints of a run in this process into its folder, then deletes
+    the old ones ``settings`` does not keep (``retention``)."""
 
     def __init__(self, settings: RunSettings) -> None:
         self.settings = settings
@@ -45,6 +50,7 @@ class FolderCheckpoints(Hooks):
     def save(self, run: Run, position: Position) -> None:
         uri = f"{self.settings.run_uri}/{checkpoint_name(position, run.plan.steps_per_epoch)}"
         save_checkpoint(run, position, uri, [rng_state()], self.settings.storage_options)
+        apply_retention(self.settings, position.epochs)
 
     def on_checkpoint(self, run: Run, position: Position) -> None:
         self.save(run, position)
@@ -90,24 +96,53 @@ def train_session(
     last epoch, and every ``checkpoint_every_steps`` global steps). send: where this
     process's progress events go (None: nowhere, e.g. on workers other than rank 0).
     hooks: extra hooks, called after those. Returns the final position.
+
+    Rank 0 (the process that writes checkpoints) also removes the orphaned data files of a
+    resumed run's folder (``store.gc``) and writes TensorBoard / MLflow (``watch``).
     """
     resumed = resume_latest(run, settings.run_uri, settings.storage_options)
     uri = None if resumed is None else resumed.checkpoint
     resize = None if resumed is None else record_resize(run, resumed, time.time())
     position = Position() if resumed is None else resumed.position
+    if resumed is not None and run.rank == 0:
+        clean_orphans(settings)
     chain: list[Hooks] = [checkpoints, *hooks]
     if send is not None:
         chain.insert(0, ProgressHooks(send))
         send(start_event(run, position, uri))
         if resize is not None:
             send(resize)
-    return run_epochs(
-        run,
-        HookChain(chain),
-        start=position,
-        checkpoint_every=settings.checkpoint_every,
-        checkpoint_every_steps=settings.checkpoint_every_steps,
-    )
+    watch = watch_hooks(run, settings, run.engine.step_count) if run.rank == 0 else None
+    if watch is not None:
+        chain.append(watch)
+        if resize is not None:
+            watch.resized(resize.record())
+    final = None
+    try:
+        end = run_epochs(
+            run,
+            HookChain(chain),
+            start=position,
+            checkpoint_every=settings.checkpoint_every,
+            checkpoint_every_steps=settings.checkpoint_every_steps,
+        )
+        if watch is not None:
+            final = latest_checkpoint(settings.run_uri, storage_options=settings.storage_options)
+        return end
+    finally:
+        if watch is not None:
+            watch.close(final)
+
+
+def clean_orphans(settings: RunSettings) -> None:
+    """Delete the orphaned checkpoint data files of ``settings``' run folder older than
+    ``RESUME_MIN_AGE_S`` (a save killed before it committed); a failure is a warning."""
+    try:
+        collect_orphans(
+            settings.run_uri, settings.storage_options, min_age_s=RESUME_MIN_AGE_S
+        )
+    except CheckpointError as exc:
+        warnings.warn(f"orphaned checkpoint files were not removed: {exc}", stacklevel=2)
 
 
 def conclude(

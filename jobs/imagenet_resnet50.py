@@ -6,8 +6,9 @@ batch 128, the paper's 2 x 64, at any number of workers), on a Ray cluster.
         --gpus-per-worker 1 --cpus-per-worker 8
 
 ``--data-root`` is an ImageFolder tree (train/ and val/) on every worker's disk or a shared
-mount; ``--synthetic`` runs a smoke test on random 224x224 images instead. Every flag of
-``granet-ray fit`` applies.
+mount, or a dataset packed once with ``granet-ray data pack`` at ``s3://bucket/prefix``,
+streamed to the workers with no local copy (docs/streaming-data.md); ``--synthetic`` runs a
+smoke test on random 224x224 images instead. Every flag of ``granet-ray fit`` applies.
 """
 
 import sys

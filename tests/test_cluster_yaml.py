@@ -85,4 +85,6 @@ def test_its_example_command_is_a_valid_elastic_job(cluster: dict[str, Any]) -> 
     assert run.min_workers <= gpu[0]["min_workers"] * per_node
     assert run.num_workers <= gpu[0]["max_workers"] * per_node
     train, _ = recipe(args)
-    assert train.global_batch == 128 and train.data_root == "/mnt/imagenet"
+    assert train.global_batch == 128 and train.data_root == "s3://YOUR-BUCKET/imagenet-packed"
+    assert run.data_cache_gb == 64 and run.data_options is None  # the instance profile
+    assert "granet-ray data pack /mnt/imagenet s3://YOUR-BUCKET/imagenet-packed" in text

@@ -24,7 +24,7 @@ from tiny import tiny_train
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from granet_ray.config import GraNetConfig, RunSettings, TrainConfig
-from granet_ray.distributed import DistributedSync, SparseAllReduce
+from granet_ray.distributed import DistributedSync, SparseAllReduce, register_sparse_allreduce
 from granet_ray.local import fit_local
 from granet_ray.models import build_model
 from granet_ray.recipe import Hooks, Position, Run, Sums, build_run, evaluate, train_steps
@@ -296,8 +296,9 @@ def test_the_recipe_under_a_one_process_nccl_group(
     nccl_group: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``fit_local`` in a one-process NCCL group: DDP, the ``DistributedSync`` whose exact mask
-    check runs after every update on CUDA tensors, with the plain all-reduce and with the
-    sparse all-reduce hook (the same masks and weights: one worker, deterministic cudnn);
+    check runs after every update on CUDA tensors, with ``sparse_allreduce`` off and on: in one
+    process the recipe registers no hook (it could save nothing), so both runs are the plain
+    all-reduce and give the same masks and weights (one worker, deterministic cudnn);
     the final checkpoint loads back bit for bit, on the CPU and on the GPU."""
     checks: list[tuple[int, set[str]]] = []
     check = DistributedSync.check
@@ -327,7 +328,7 @@ def test_the_recipe_under_a_one_process_nccl_group(
         assert run is not None and isinstance(run.model, DDP)
         assert isinstance(run.engine.sync, DistributedSync)
         assert run.engine.sync.device.type == "cuda"
-        assert isinstance(run.allreduce, SparseAllReduce) == sparse
+        assert run.allreduce is None  # one process: registered from 2 processes on
         assert run.channels_last and run.precision in ("bf16", "fp16")
         assert run.train_loader.num_workers > 0 and run.train_loader.persistent_workers
         updates = [h["step"] for h in run.engine.history]
@@ -368,6 +369,7 @@ def test_the_sparse_allreduce_hook_never_syncs_in_backward(nccl_group: None) -> 
     run = build_run(
         train, device=GPU, wrap=lambda net: DDP(net, device_ids=[0]), sync=DistributedSync()
     )
+    run.allreduce = register_sparse_allreduce(run.model, run.engine)  # one process: by hand
     assert isinstance(run.allreduce, SparseAllReduce)
     counts: list[int] = []
     _sync_counted_updates(run, counts)

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from granet_ray.config import GraNetConfig
-from granet_ray.distributed import DistributedSync, SparseAllReduce
+from granet_ray.distributed import DistributedSync, SparseAllReduce, register_sparse_allreduce
 from granet_ray.recipe import Sums, build_run, train_steps
 from granet_ray.sparsity import GraNet
 
@@ -201,6 +201,8 @@ def test_steps_with_ddp_and_the_hook_make_none_between_updates(gloo_group: None)
     run = build_run(
         train, device=cpu, wrap=lambda net: DDP(net, bucket_cap_mb=0.05), sync=DistributedSync()
     )
+    assert run.allreduce is None  # one process: the recipe registers it from 2 on
+    run.allreduce = register_sparse_allreduce(run.model, run.engine)
     assert isinstance(run.allreduce, SparseAllReduce)
     inputs = torch.stack([run.data.train[i][0] for i in range(32)])
     targets = torch.tensor([int(run.data.train[i][1]) for i in range(32)])

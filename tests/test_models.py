@@ -100,7 +100,7 @@ def test_kaiming_init_of_cifar_resnet() -> None:
 
 
 def test_unknown_model_name() -> None:
-    with pytest.raises(ValueError, match="unknown model 'resnet18'.*resnet20.*mnist_convnet"):
+    with pytest.raises(ValueError, match="model='resnet18' is invalid: .*resnet20.*mnist_convnet"):
         build_model("resnet18")
 
 

@@ -165,3 +165,16 @@ def test_results_table_plot_and_presets_are_written(swept: Sweep) -> None:
         assert preset.granet.start_density == float(best["start_density"])
         assert f"best at density {float(density):g}: {best['group']}" in swept.second_shown
         preflight(preset, 1)  # a training job accepts it as it is
+
+
+def test_every_trial_is_one_tensorboard_run(swept: Sweep) -> None:
+    """Each trial writes its own TensorBoard run in its run folder (``runs/<trial>/tb``), so
+    ``tensorboard --logdir <sweep>/runs`` shows them side by side; every epoch once (a trial
+    ASHA stopped may have trained an epoch past the one Tune recorded)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for row in swept.rows:
+        events = EventAccumulator(str(swept.folder / RUNS_DIR / row["name"] / "tb"))
+        events.Reload()
+        steps = [e.step for e in events.Scalars("epoch/val_accuracy")]
+        assert len(steps) == len(set(steps)) >= int(row["epoch"]) >= 1, row["name"]

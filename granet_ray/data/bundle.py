@@ -12,14 +12,15 @@ from torch.utils.data import Dataset, Subset
 class DataBundle:
     """Train and test splits of one dataset.
 
-    Each item is ``(image, label)``: a float32 tensor of ``input_shape`` (C, H, W) and an int
-    class index in ``[0, num_classes)``.
+    Each item is ``(input, label)``: a tensor of ``input_shape`` ((C, H, W) for the built-in
+    image datasets; any shape for a dataset by reference) and an int class index in
+    ``[0, num_classes)``.
     """
 
     train: Dataset
     test: Dataset
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
 
 
 def check_positive_int(value: int, what: str) -> None:

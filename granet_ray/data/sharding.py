@@ -24,6 +24,22 @@ def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(size)
 
 
+def block_order(counts: list[int], block: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of epoch ``epoch`` of a dataset stored in shards of ``counts``
+    consecutive samples, with at most ``block`` shards in flight: the shards in an order
+    shuffled by (seed, epoch), cut into blocks of ``block`` shards, the samples of each block
+    shuffled among themselves. The same in every process; within an epoch a sample only
+    meets the samples of its own block (about ``block`` shards' worth)."""
+    rng = np.random.default_rng([seed, epoch, len(counts), block])
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    shards = rng.permutation(len(counts))
+    parts = []
+    for b in range(0, len(shards), block):
+        members = [np.arange(starts[s], starts[s + 1]) for s in shards[b : b + block]]
+        parts.append(rng.permutation(np.concatenate(members)))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def step_bounds(size: int, global_batch: int) -> list[int]:
     """Start offsets of every global step of an epoch of ``size`` samples, then ``size``:
     steps of ``global_batch`` samples; the last ``size % global_batch`` samples form their own
@@ -73,11 +89,22 @@ def epoch_shares(
     world: int,
     max_batch: int | None = None,
     start_step: int = 0,
+    order: np.ndarray | None = None,
+    keys: np.ndarray | None = None,
 ) -> list[StepShare]:
     """This worker's share of every step of ``epoch`` from ``start_step`` on (0-based within
-    the epoch). Micro-batches: ceil(share / max_batch) near-equal parts, larger first."""
-    order = epoch_order(size, seed, epoch)
+    the epoch). Micro-batches: ceil(share / max_batch) near-equal parts, larger first.
+    ``order``: the epoch's permutation when the dataset has its own (a packed dataset's
+    ``block_order``), else ``epoch_order``. ``keys``: a key per sample (a packed dataset's
+    shard of each sample): each step's samples are sorted by it (stably) before they are
+    dealt, so a worker's slice of every step holds few keys; a step's samples stay the
+    same."""
+    order = epoch_order(size, seed, epoch) if order is None else order
     bounds = step_bounds(size, global_batch)
+    if keys is not None:
+        order = order.copy()
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            order[a:b] = order[a:b][np.argsort(keys[order[a:b]], kind="stable")]
     shares = []
     for s in range(start_step, len(bounds) - 1):
         lo, hi = worker_share(bounds[s], bounds[s + 1], rank, world)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from granet_ray.data.bundle import DataBundle, shuffled_subset
 
@@ -24,13 +25,50 @@ CIFAR10_FILES = (
 # mnist5k and synthetic datasets do not need it.
 
 
+def cifar10_transforms() -> tuple[Any, Any]:
+    """CIFAR-10's (train, test) transforms of a PIL image: random crop 32 with padding 4,
+    horizontal flip, normalise; test: normalise only."""
+    from torchvision import transforms
+
+    normalize = transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
+    train = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    return train, transforms.Compose([transforms.ToTensor(), normalize])
+
+
+def imagenet_transforms() -> tuple[Any, Any]:
+    """ImageNet's (train, test) transforms of a PIL image: RandomResizedCrop 224, horizontal
+    flip, normalise; test: resize 256, center crop 224, normalise."""
+    from torchvision import transforms
+
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    test = transforms.Compose(
+        [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize]
+    )
+    return train, test
+
+
 def build_cifar10(root: Path, download: bool, train_size: int | None, seed: int) -> DataBundle:
     """CIFAR-10 from ``root/cifar-10-batches-py`` (python pickled batches).
 
     Train: random crop 32 with padding 4, horizontal flip, normalise; test: normalise only.
     ``train_size`` keeps the first N training images of an order shuffled by ``seed``.
     """
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     folder = root / "cifar-10-batches-py"
     missing = [f for f in CIFAR10_FILES if not (folder / f).is_file()]
@@ -40,16 +78,7 @@ def build_cifar10(root: Path, download: bool, train_size: int | None, seed: int)
             f"(missing: {', '.join(missing)}); fetch them once where there is internet with "
             "torchvision.datasets.CIFAR10(ROOT, download=True) and pass --data-root ROOT"
         )
-    normalize = transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
-    train_tf = transforms.Compose(
-        [
-            transforms.RandomCrop(32, padding=4),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize,
-        ]
-    )
-    test_tf = transforms.Compose([transforms.ToTensor(), normalize])
+    train_tf, test_tf = cifar10_transforms()
     try:
         train = datasets.CIFAR10(str(root), train=True, transform=train_tf, download=download)
         test = datasets.CIFAR10(str(root), train=False, transform=test_tf, download=False)
@@ -74,7 +103,7 @@ def build_imagenet(root: Path, train_size: int | None, seed: int) -> DataBundle:
     224, normalise. ``train_size`` keeps the first N training images of an order shuffled by
     ``seed``.
     """
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     for split in ("train", "val"):
         if not (root / split).is_dir():
@@ -82,18 +111,7 @@ def build_imagenet(root: Path, train_size: int | None, seed: int) -> DataBundle:
                 f"dataset 'imagenet': expected the folder {root / split} holding one "
                 "sub-folder of images per class (ImageFolder layout)"
             )
-    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(224),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize,
-        ]
-    )
-    test_tf = transforms.Compose(
-        [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize]
-    )
+    train_tf, test_tf = imagenet_transforms()
     train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
     test = datasets.ImageFolder(str(root / "val"), transform=test_tf)
     if train.classes != test.classes:

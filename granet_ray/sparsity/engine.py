@@ -32,7 +32,7 @@ from granet_ray.sparsity.criteria import (
     regrow_count,
 )
 from granet_ray.sparsity.flops import FlopsRecorder, relative_flops
-from granet_ray.sparsity.layers import prunable_parameters, unwrap, weight_layers
+from granet_ray.sparsity.layers import unwrap, weight_table
 from granet_ray.sparsity.schedules import pruning_updates, regrow_fraction, target_density
 
 Tensors = dict[str, torch.Tensor]
@@ -118,7 +118,9 @@ class GraNet:
 
     Args:
         model: the network (may be wrapped in DDP or ``torch.compile``); its Conv / Linear
-            weights are prunable, named as in the plain model.
+            weights and attention projections are prunable (``sparsity/layers.py``: not when
+            frozen, shared with an embedding or kept dense by the config), named as in the
+            plain model, each parameter once.
         optimizer: its weight-shaped state that is neutral at 0 is masked with the weights
             (``NEUTRAL_STATE``); other optimizers are refused with a ``ConfigError``.
         config: method and schedule; epochs in it are converted with ``steps_per_epoch``.
@@ -153,12 +155,19 @@ class GraNet:
         self._state_keys = neutral_state_keys(optimizer)
         self.total_steps = total_steps
         self.sync: MaskSync = sync or LocalSync()
-        self.params = prunable_parameters(
-            model, dense_first=config.dense_first, dense_last=config.dense_last
+        # every candidate weight, each parameter once, and why it stays dense (layers.py)
+        self.layers = weight_table(
+            model,
+            dense_first=config.dense_first,
+            dense_last=config.dense_last,
+            keep_dense=config.keep_dense,
         )
+        self.params = {n: w.param for n, w in self.layers.items() if w.prunable}
         if not self.params:
-            raise ConfigError("the model has no prunable Conv*d or Linear weights")
-        self._layer_shapes = {n: tuple(m.weight.shape) for n, m in weight_layers(model).items()}
+            raise ConfigError(
+                "the model has no prunable weights: no Conv*d, Linear or attention projection "
+                "that trains and is not kept dense"
+            )
         self.prune_start = round(config.prune_start * steps_per_epoch)
         self.prune_end = round(config.prune_end * steps_per_epoch)
         if config.regrow_end is not None:
@@ -465,17 +474,21 @@ class GraNet:
         return relative_flops(self._flops.flops, mean)
 
     def summary(self) -> dict[str, Any]:
-        """Per-layer rows (name, shape, density, dense forward FLOPs per sample, prunable)
-        plus global density and relative inference / training FLOPs."""
+        """Per-weight rows (name, shape, kind, density, dense forward FLOPs per sample,
+        prunable, why it stays dense, the other modules sharing it) plus global density and
+        relative inference / training FLOPs."""
         rows = [
             {
                 "name": n,
-                "shape": list(shape),
+                "shape": list(w.param.shape),
+                "kind": w.kind,
                 "density": self._densities.get(n, 1.0),
-                "prunable": n in self.params,
+                "prunable": w.prunable,
+                "dense": w.dense,
+                "shared": list(w.shared),
                 "flops": self._flops.flops.get(n),
             }
-            for n, shape in self._layer_shapes.items()
+            for n, w in self.layers.items()
         ]
         return {
             "step": self.step_count,

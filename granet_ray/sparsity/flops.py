@@ -1,7 +1,11 @@
-"""FLOPs of Conv / Linear layers, dense and relative to dense (docs/algorithm.md section 6).
+"""FLOPs of the prunable candidates (Conv, Linear, attention projections), dense and relative
+to dense (docs/algorithm.md section 6).
 
 A layer's forward FLOPs per sample are 2 x (weight elements) x (output positions): each weight
-is used once per output position (the spatial size for a conv, 1 for a plain linear layer).
+is used once per output position (the spatial size for a conv, the leading positions of a
+linear layer's output such as tokens, 1 for a plain linear layer). An attention's q and output
+projections run over the query positions, its k and v projections over the key positions. A
+weight that several modules use counts each use.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from granet_ray.sparsity.layers import weight_layers
+from granet_ray.sparsity.layers import candidate_weights, unwrap, weight_table
 
 
 def forward_flops(module: nn.Module, output: torch.Tensor) -> float:
@@ -25,6 +29,27 @@ def forward_flops(module: nn.Module, output: torch.Tensor) -> float:
     return 2.0 * weight_numel * positions
 
 
+def attention_flops(
+    module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor
+) -> dict[int, float]:
+    """Dense forward FLOPs per sample of an attention's projection weights, by parameter
+    ``id``: q over the query positions, k and v over the key positions, the output projection
+    (which the attention applies itself, never calling its ``out_proj`` module) over the
+    query positions. ``query`` / ``key``: its inputs, batched or not."""
+    axis = 1 if module.batch_first and query.dim() == 3 else 0
+    q_len, k_len = query.shape[axis], key.shape[axis]
+    flops: dict[int, float] = {}
+    if module.in_proj_weight is not None:  # rows: q, then k, then v
+        third = module.in_proj_weight.numel() / 3
+        flops[id(module.in_proj_weight)] = 2.0 * third * (q_len + 2 * k_len)
+    else:
+        flops[id(module.q_proj_weight)] = 2.0 * module.q_proj_weight.numel() * q_len
+        flops[id(module.k_proj_weight)] = 2.0 * module.k_proj_weight.numel() * k_len
+        flops[id(module.v_proj_weight)] = 2.0 * module.v_proj_weight.numel() * k_len
+    flops[id(module.out_proj.weight)] = 2.0 * module.out_proj.weight.numel() * q_len
+    return flops
+
+
 def relative_flops(flops: dict[str, float], densities: dict[str, float]) -> float:
     """sum_l f_l d_l / sum_l f_l; a layer missing from ``densities`` counts as dense."""
     total = sum(flops.values())
@@ -34,8 +59,10 @@ def relative_flops(flops: dict[str, float], densities: dict[str, float]) -> floa
 
 
 class FlopsRecorder:
-    """Measures every Conv / Linear layer's dense forward FLOPs on the model's first eager
-    forward pass (forward hooks that remove themselves), keyed by weight name.
+    """Measures every candidate weight's dense forward FLOPs (``sparsity.layers``:
+    Conv, Linear, attention projections, prunable or kept dense) on the model's first eager
+    forward pass, by forward hooks on the modules that use them (which remove themselves once
+    each has run), keyed by parameter name; a weight several modules use sums their uses.
 
     While torch.compile traces, the hooks do nothing: a hook that removes itself inside a
     traced forward would split the compiled graph for good. A compiled model is measured by
@@ -44,17 +71,59 @@ class FlopsRecorder:
     def __init__(self, model: nn.Module) -> None:
         self.flops: dict[str, float] = {}
         self._handles = []
-        for name, module in weight_layers(model).items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+        self._uses: dict[tuple[str, int], float] = {}  # (weight name, module id) -> FLOPs
+        self._expected: set[tuple[str, int]] = set()
+        names = {id(w.param): n for n, w in weight_table(model).items()}
+        modules = list(unwrap(model).modules())
+        inner = {
+            id(m.out_proj) for m in modules if isinstance(m, nn.MultiheadAttention)
+        }  # applied by their attention, never called as modules
+        for module in modules:
+            if id(module) in inner:
+                continue
+            used = {id(p): names[id(p)] for p in self._weights(module) if id(p) in names}
+            if not used:
+                continue
+            self._expected.update((n, id(module)) for n in used.values())
+            if isinstance(module, nn.MultiheadAttention):
+                hook = module.register_forward_hook(self._attention_hook(used), with_kwargs=True)
+            else:
+                hook = module.register_forward_hook(self._hook(used))
+            self._handles.append(hook)
 
-    def _hook(self, name: str):
+    @staticmethod
+    def _weights(module: nn.Module) -> list[torch.Tensor]:
+        weights = [getattr(module, attr) for attr, _ in candidate_weights(module)]
+        if isinstance(module, nn.MultiheadAttention):
+            weights.append(module.out_proj.weight)
+        return weights
+
+    def _record(self, module: nn.Module, flops: dict[int, float], used: dict[int, str]) -> None:
+        for pid, name in used.items():
+            key = (name, id(module))
+            if key not in self._uses and pid in flops:
+                self._uses[key] = flops[pid]
+                self.flops[name] = self.flops.get(name, 0.0) + flops[pid]
+        if self._expected <= self._uses.keys():
+            self.remove()
+
+    def _hook(self, used: dict[int, str]):
         def record(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
             if torch.compiler.is_compiling():
                 return
-            if name not in self.flops:
-                self.flops[name] = forward_flops(module, output)
-            if len(self.flops) == len(self._handles):
-                self.remove()
+            self._record(module, {pid: forward_flops(module, output) for pid in used}, used)
+
+        return record
+
+    def _attention_hook(self, used: dict[int, str]):
+        def record(
+            module: nn.MultiheadAttention, args: tuple, kwargs: dict, _output: object
+        ) -> None:
+            if torch.compiler.is_compiling():
+                return
+            query = args[0] if args else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs["key"]
+            self._record(module, attention_flops(module, query, key), used)
 
         return record
 

@@ -9,6 +9,7 @@ through (plain objects, the storage probe, Ray Train's pyarrow filesystem).
 
 from granet_ray.store.api import (
     SparseCheckpoint,
+    delete_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_sparse,
@@ -59,6 +60,7 @@ __all__ = [
     "StorageUnreachableError",
     "TruncatedFileError",
     "UnsupportedFormatError",
+    "delete_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_sparse",

@@ -8,6 +8,7 @@ Arrow parses it; no pickle anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -452,6 +453,34 @@ def list_checkpoints(
         )
     )
     return [uri for _, uri in committed]
+
+
+def delete_checkpoint(
+    uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> str:
+    """Delete a checkpoint: its ``manifest.json`` first (from then on no reader takes it for
+    committed, so one deleted half way is never loaded), then every other file of its folder,
+    then (locally) the emptied folders. Missing files are fine.
+
+    Args:
+        uri: the checkpoint: a local path, ``file://`` URI or ``s3://bucket/prefix``.
+        storage_options: for s3:// URIs, passed to ``s3fs.S3FileSystem``.
+
+    Returns:
+        The canonical URI of the deleted checkpoint.
+
+    Raises:
+        InvalidURIError: a malformed URI or storage options that do not apply.
+        StorageError: the storage failed; what was not deleted yet stays.
+    """
+    storage = open_storage(uri, storage_options)
+    storage.delete(MANIFEST_NAME)
+    storage.delete(*storage.list())
+    if storage.local:
+        for folder, _, _ in sorted(os.walk(storage.location.path), reverse=True):
+            with contextlib.suppress(OSError):  # not empty (a file written since) or gone
+                os.rmdir(folder)
+    return storage.uri
 
 
 def latest_checkpoint(

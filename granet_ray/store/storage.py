@@ -313,6 +313,10 @@ class Storage:
     def list(self) -> dict[str, int]:
         """Every object under this directory (relative POSIX names, recursive, sorted) with
         its byte size; an object being ``put`` is not listed before it is complete."""
+        return {name: size for name, (size, _) in self.list_times().items()}
+
+    def list_times(self) -> dict[str, tuple[int, float]]:
+        """As ``list``, each object with (byte size, last modification in POSIX seconds)."""
         root = self.location.path.replace(os.sep, "/")
         listing: dict[str, dict[str, Any]] = {}
         with self._errors("list files", missing_ok=True):
@@ -322,7 +326,7 @@ class Storage:
             name = key[len(root) + 1 :]
             temp = TEMP_RE.match(name.rpartition("/")[2])
             if key.startswith(root + "/") and not name.endswith("/") and not temp:
-                found[name] = int(info.get("size") or 0)
+                found[name] = (int(info.get("size") or 0), _modified(info))
         return dict(sorted(found.items()))
 
     def rename(self, name: str) -> Storage | None:
@@ -415,6 +419,15 @@ class Storage:
         if self.local or "://" in path:
             return parse_uri(path).uri
         return parse_uri("s3://" + path.lstrip("/")).uri
+
+
+def _modified(info: Mapping[str, Any]) -> float:
+    """The modification time (POSIX seconds) in an fsspec listing entry: local ``mtime``, S3
+    ``LastModified`` (0.0 when the entry has neither)."""
+    stamp = info.get("mtime", info.get("LastModified"))
+    if hasattr(stamp, "timestamp"):
+        return float(stamp.timestamp())
+    return float(stamp or 0.0)
 
 
 def _write_durably(path: str, data: bytes) -> None:

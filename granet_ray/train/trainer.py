@@ -6,6 +6,7 @@ seconds, leaving its checkpoints), and collect what the run left behind
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -21,17 +22,20 @@ from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
-from granet_ray.checks import check_storage, preflight
+from granet_ray.checks import check_data, check_storage, preflight
 from granet_ray.config import ConfigError, RunSettings, TrainConfig
 from granet_ray.outcome import FitOutcome
 from granet_ray.recipe import Hooks
 from granet_ray.session import conclude, named
-from granet_ray.store import CheckpointError, open_storage
+from granet_ray.store import CheckpointError, list_checkpoints, open_storage
+from granet_ray.store.lease import RunLease
 from granet_ray.train.progress import QueueDrain
 from granet_ray.train.worker import train_loop_per_worker
 from granet_ray.ui import console as default_console
 from granet_ray.ui.progress import RunView
 
+# Ray Train's record of a run's reported checkpoints, in the run's folder
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Whether this driver started the Ray instance it is connected to (``connect``): a private
 # local instance has the CPUs and GPUs it will ever have, so a request it cannot hold fails.
 _PRIVATE = {"local": False}
@@ -95,6 +99,44 @@ def progress_queue() -> Queue:
     return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
+def forget_deleted_checkpoints(run: RunSettings) -> list[str]:
+    """Make Ray Train's record of a run's checkpoints (its ``checkpoint_manager_snapshot.json``)
+    name only checkpoints that still exist: retention deletes old checkpoints behind Ray's
+    back, and Ray refuses to restore a run whose record names a missing one. Entries of
+    deleted checkpoints are dropped (the record is removed when it cannot be read: a run
+    resumes from its folder's newest checkpoint, never from Ray's record). Returns the
+    directory names dropped."""
+    folder = open_storage(run.run_uri, run.storage_options)
+    raw = folder.get(RAY_SNAPSHOT)
+    if raw is None:
+        return []
+    found = list_checkpoints(run.run_uri, run.storage_options)
+    there = {uri.rstrip("/").rpartition("/")[2] for uri in found}
+    try:
+        state = json.loads(raw)
+        results = state["checkpoint_results"]
+        names = [r["checkpoint_dir_name"] for r in results]
+        gone = [n for n in names if n not in there]
+        if not gone:
+            return []
+        kept = [i for i, n in enumerate(names) if n in there]
+        state["checkpoint_results"] = [results[i] for i in kept]
+        state["checkpoint_report_indices"] = [state["checkpoint_report_indices"][i] for i in kept]
+        pending = state["pending_training_results"]
+        specs = state["pending_validation_specs"]
+        alive = [i for i, r in enumerate(pending) if r["checkpoint_dir_name"] in there]
+        state["pending_training_results"] = [pending[i] for i in alive]
+        state["pending_validation_specs"] = [specs[i] for i in alive]
+        latest = state.get("latest_checkpoint_result")
+        if latest is not None and latest["checkpoint_dir_name"] not in there:
+            state["latest_checkpoint_result"] = results[kept[-1]] if kept else None
+        folder.put(RAY_SNAPSHOT, json.dumps(state).encode())
+    except (ValueError, KeyError, TypeError, IndexError):
+        folder.delete(RAY_SNAPSHOT)
+        return [RAY_SNAPSHOT]
+    return gone
+
+
 def build_trainer(
     train: TrainConfig,
     run: RunSettings,
@@ -102,6 +144,7 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     progress_queue: Queue | None = None,
     hooks: Sequence[Hooks] = (),
+    runtime_env: dict[str, Any] | None = None,
 ) -> TorchTrainer:
     """A ``TorchTrainer`` for ``train`` executed as ``run`` says; the configuration is checked
     first (``ConfigError`` naming the field, before any worker starts).
@@ -109,9 +152,15 @@ def build_trainer(
     callbacks: Ray Train ``UserCallback``s for ``RunConfig``. progress_queue: a
     ``ray.util.queue.Queue`` that worker rank 0 sends live events to. hooks: extra
     (picklable) ``recipe.Hooks`` every worker runs, e.g. ``granet_ray.testing.hooks.CrashAt``.
+    runtime_env: the workers' Ray runtime env (Ray Train's ``worker_runtime_env``), e.g.
+    ``{"py_modules": [...]}`` or ``{"env_vars": {"PYTHONPATH": ...}}`` so that they import
+    a model or dataset given by reference (docs/your-model.md).
     Checks nothing itself: ``fit`` and ``sweep`` check a run once before they build it.
+    Ray's record of the run's checkpoints is brought in step with its folder first
+    (``forget_deleted_checkpoints``).
     """
     run = named(run, train)
+    forget_deleted_checkpoints(run)
     config: dict[str, Any] = {"train": train.to_dict(), "run": run.to_dict()}
     if progress_queue is not None:
         config["progress"] = progress_queue
@@ -142,6 +191,7 @@ def build_trainer(
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
             callbacks=callbacks,
+            worker_runtime_env=runtime_env,
         ),
     )
 
@@ -190,6 +240,7 @@ def fit(
     summary: bool = True,
     console: Console | None = None,
     hooks: Sequence[Hooks] = (),
+    runtime_env: dict[str, Any] | None = None,
 ) -> FitOutcome:
     """Train ``train`` on Ray Train workers as ``run`` says and return what it produced.
 
@@ -206,17 +257,22 @@ def fit(
         summary: print the final per-layer and outcome tables on ``console``.
         console: where to print (default: stdout, wide when it is a pipe).
         hooks: extra picklable ``recipe.Hooks`` every worker runs.
+        runtime_env: the workers' Ray runtime env, e.g. ``{"py_modules": [...]}`` or
+            ``{"env_vars": {"PYTHONPATH": ...}}`` for a model or dataset by reference that
+            the workers cannot import otherwise (docs/your-model.md).
 
     Returns:
         The ``FitOutcome`` of the run's newest committed checkpoint.
 
     Raises:
         ConfigError: a bad value, on the driver or in a worker, naming the field.
-        CheckpointError: a storage or checkpoint problem, naming the URI.
+        CheckpointError: a storage or checkpoint problem, naming the URI; ``LeaseHeldError``
+            when another live run holds the run's folder.
         KeyboardInterrupt: Ctrl-C; the workers are stopped, the checkpoints stay.
         ray.train.TrainingFailedError: other worker failures beyond ``run.max_failures``.
     """
     preflight(train, run.num_workers, run.use_gpu)
+    check_data(train, run)
     check_storage(run)
     run = named(run, train)
     connect(address)
@@ -225,17 +281,21 @@ def fit(
         if problem:
             raise ConfigError(problem)
     console = console or default_console()
-    queue = progress_queue() if progress else None
-    try:
-        trainer = build_trainer(train, run, progress_queue=queue, hooks=hooks)
-        with RunView(console, enabled=progress) as view:
-            drain = QueueDrain(queue, view) if queue is not None else contextlib.nullcontext()
-            with drain:
-                _fit(trainer, view, run)
-    finally:
-        if queue is not None and ray.is_initialized():
-            queue.shutdown()
-    return conclude(train, run, console=console, summary=summary)
+    # the driver holds the run's lease: worker restarts and resizes never drop it
+    with RunLease(run.run_uri, run.storage_options, renew_s=run.lease_renew_s):
+        queue = progress_queue() if progress else None
+        try:
+            trainer = build_trainer(
+            train, run, progress_queue=queue, hooks=hooks, runtime_env=runtime_env
+        )
+            with RunView(console, enabled=progress) as view:
+                drain = QueueDrain(queue, view) if queue is not None else contextlib.nullcontext()
+                with drain:
+                    _fit(trainer, view, run)
+        finally:
+            if queue is not None and ray.is_initialized():
+                queue.shutdown()
+        return conclude(train, run, console=console, summary=summary)
 
 
 def _fit(trainer: TorchTrainer, view: RunView, settings: RunSettings) -> None:

@@ -21,10 +21,12 @@ from ray.exceptions import RayError
 from ray.util.queue import Queue
 
 from granet_ray.config import RunSettings, TrainConfig
+from granet_ray.data import StreamOptions
 from granet_ray.distributed import DistributedSync, gather_objects
 from granet_ray.events import CHECKPOINT_REPORT, EpochMetrics, Event
 from granet_ray.recipe import Hooks, Position, Run, build_run
 from granet_ray.resume import checkpoint_name, rng_state, save_checkpoint
+from granet_ray.retention import apply_retention
 from granet_ray.session import train_session
 
 
@@ -32,7 +34,12 @@ class ReportHooks(Hooks):
     """Reports every epoch's metrics to Ray Train, with the checkpoint when one is due, and
     mid-epoch checkpoints (their report carries ``epoch``, ``step`` and ``step_in_epoch``).
     Every worker reports; rank 0 writes the checkpoint into a temporary folder that Ray
-    copies into the run's folder."""
+    copies into the run's folder, then deletes the old checkpoints ``settings`` does not keep
+    (``retention``: never the newest committed one, which a restarted worker group resumes
+    from)."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        self.settings = settings
 
     def on_checkpoint(self, run: Run, position: Position) -> None:
         values = (position.epoch, run.engine.step_count, position.step_in_epoch)
@@ -56,6 +63,7 @@ class ReportHooks(Hooks):
             path = save_checkpoint(run, position, str(Path(tmp, name)), rngs)
             checkpoint = ray.train.Checkpoint.from_directory(path)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        apply_retention(self.settings, position.epochs)
 
 
 class QueueSender:
@@ -94,6 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wrap=ray.train.torch.prepare_model,
         sync=DistributedSync() if world > 1 else None,
         loader_workers=max(int(settings.cpus_per_worker) - 1, 0),
+        stream=StreamOptions.of(settings),
     )
     # Resumes from the newest committed checkpoint of the run's folder: the one Ray hands
     # out, or a newer one Ray had not registered yet when a worker died.
@@ -101,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_session(
         run,
         settings,
-        checkpoints=ReportHooks(),
+        checkpoints=ReportHooks(settings),
         send=QueueSender(queue) if queue is not None and rank == 0 else None,
         hooks=config.get("hooks", []),
     )

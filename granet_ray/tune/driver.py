@@ -243,16 +243,27 @@ def sweep(
     address: str | None = None,
 ) -> SweepOutcome:
     """Run every trial of ``space`` on Ray Tune, each a Ray Train run with ``run``'s workers,
-    and write the results; resume the sweep if it was interrupted before.
+    and write the results; resume the sweep if it was interrupted before. Every trial is
+    validated and the storage probed once, before Ray is contacted.
 
-    run: workers per trial and the storage (local or ``s3://``) the sweep's folder goes
-    under; ``run.name`` names the sweep (None: ``sweep_name``, the same for the same space).
-    max_concurrent: trials at once (None: as many as the cluster's CPUs and GPUs hold).
-    progress: show live progress and the final tables on ``console`` (default: stdout).
-    callbacks: Tune callbacks for this call only (they are not stored with the sweep).
-    address: the Ray cluster (default: ``$RAY_ADDRESS``, else a private local Ray).
-    Every trial is validated and the storage probed once, before Ray is contacted
-    (``ConfigError`` naming trial and field; the store's ``StorageError`` kinds).
+    Args:
+        space: the validated search space (``tune.space.load_space``).
+        run: workers per trial and the storage (local or ``s3://``) the sweep's folder goes
+            under; ``run.name`` names the sweep (None: ``sweep_name``, the same for the same
+            space, so the same command resumes the same sweep).
+        max_concurrent: trials at once (None: as many as the cluster's CPUs and GPUs hold).
+        progress: show live progress and the final tables on ``console``.
+        console: where to print (default: stdout, wide when it is a pipe).
+        callbacks: Tune callbacks for this call only (they are not stored with the sweep).
+        address: the Ray cluster (default: ``$RAY_ADDRESS``, else a private local Ray).
+
+    Returns:
+        The ``SweepOutcome``: every trial's row and, once all ended, the results' URIs.
+
+    Raises:
+        ConfigError: an invalid trial (naming trial and field), a sweep name used by another
+            space, or a cluster that cannot hold one trial.
+        StorageError: the storage cannot be reached or written.
     """
     console = console or default_console()
     points = validate(space, run)

@@ -26,7 +26,8 @@ def _flops(value: float | None) -> str:
 
 def layer_table(summary: dict[str, Any], *, title: str = "Sparse model") -> Table:
     """Per-layer table of an engine summary (``GraNet.summary()``): shape, weights, density,
-    dense forward FLOPs per sample, then totals and FLOPs relative to dense."""
+    dense forward FLOPs per sample, then totals and FLOPs relative to dense. A weight kept
+    dense says why; a weight several modules share names the others."""
     table = Table(title=title, show_footer=True)
     total_weights = sum(_numel(row["shape"]) for row in summary["layers"])
     active = sum(_numel(row["shape"]) * row["density"] for row in summary["layers"])
@@ -41,7 +42,11 @@ def layer_table(summary: dict[str, Any], *, title: str = "Sparse model") -> Tabl
     table.add_column("FLOPs sparse", justify="right", footer=_flops(sparse_flops))
     for row in summary["layers"]:
         numel = _numel(row["shape"])
-        name = row["name"] if row["prunable"] else f"{row['name']} (dense)"
+        name = row["name"]
+        if not row["prunable"]:
+            name += f" (dense: {row['dense']})" if row.get("dense") else " (dense)"
+        if row.get("shared"):
+            name += f" (also {', '.join(row['shared'])})"
         flops = row["flops"]
         table.add_row(
             name,
