@@ -190,20 +190,32 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class GraNetConfig:
-    """The sparse-training method and its schedule (docs/algorithm.md sections 1-4).
+    """The sparse-training method and its schedule (docs/algorithm.md sections 1-4). Every
+    change to it, from flags, files or Python, goes through ``override`` (``granet.<field>``).
 
-    method: a row of ``METHODS``. init_density: d_i (1.0 = dense-to-sparse); only the
-    methods that start at ``init`` use it (see ``start_density``). final_density: d_f.
-    update_interval: dT, global optimizer steps between mask updates.
-    prune_start, prune_end: gradual-pruning window t0, tf in epochs.
-    prune_scope: ``global`` or ``layer`` pruning (None: the method's; only methods that prune).
-    regrow_fraction, regrow_min: p0 and p_min (None: the method's; RigL / SET: alpha = 0.3, 0).
-    regrow_end: last epoch with regrowth (None: the method's; RigL / SET 75% of training).
-    allocation: erk | uniform, per-layer initial densities when starting sparse.
-    dense_first, dense_last: keep the first conv / last linear layer dense (not prunable).
-    keep_dense: name patterns (``fnmatch``, e.g. ``patch.*``) of weights kept dense, matched
-    against parameter and module names; a comma-separated string is split into patterns.
-    seed: seeds every random draw, together with the update index and the layer name.
+    Attributes:
+        method: a row of ``METHODS`` (granet, granet_uniform, gmp, rigl, set, static).
+        init_density: d_i (1.0 = dense-to-sparse); only the methods that start at ``init``
+            use it (see ``start_density``).
+        final_density: d_f, the density the run ends at (0.1 = 90% sparsity).
+        update_interval: dT, global optimizer steps between mask updates.
+        prune_start: t0, the gradual-pruning window's start, in epochs.
+        prune_end: tf, the window's end, in epochs.
+        prune_scope: ``global`` or ``layer`` pruning (None: the method's; only methods that
+            prune).
+        regrow_fraction: p0 (None: the method's; RigL / SET: alpha = 0.3).
+        regrow_min: p_min, what the cosine anneals to (None: the method's).
+        regrow_end: the last epoch with regrowth (None: the method's; RigL / SET 75% of
+            training).
+        allocation: ``erk`` or ``uniform`` per-layer initial densities when starting sparse.
+        dense_first: keep the first conv layer dense (not prunable).
+        dense_last: keep the last linear layer dense.
+        keep_dense: name patterns (``fnmatch``, e.g. ``patch.*``) of weights kept dense,
+            matched against parameter and module names; a comma-separated string is split.
+        seed: seeds every random draw, together with the update index and the layer name.
+
+    Raises:
+        ConfigError: a field out of its range, naming the field and the range.
     """
 
     method: str = "granet"
@@ -379,29 +391,51 @@ RUNTIME_FIELDS = (
 class TrainConfig:
     """The training recipe: model, data, global batch, optimizer, LR schedule, precision and
     the GraNet config. The defaults are the offline MNIST-5k demo (preset ``mnist_demo``).
+    Every change to it, from flags, grid or preset files or Python, goes through
+    ``override``; the global-batch rules are in docs/algorithm.md section 5.
 
-    train_size: keep only that many training samples (None: all; synthetic data: its size).
-    global_batch: B, samples per optimizer step over all workers; each of W workers takes
-    B / W (docs/algorithm.md section 5). max_batch_per_worker: the most one worker's forward
-    pass takes; beyond it the worker accumulates gradients over several micro-batches (None:
-    no limit).
-    model, dataset: a built-in name, ``pkg.module:factory`` (a user's factory, see
-    ``granet_ray.reference``) or, for models, ``timm:<name>``.
-    optimizer: sgd (momentum, nesterov), adam, or adamw (decoupled weight decay, none on
-    norms, biases and embeddings). weight_decay_norm=False: sgd and adam put no weight decay
-    on normalization layers.
-    lr_schedule: ``step`` (x lr_gamma at each epoch of lr_milestones) or ``cosine`` (from lr
-    down to lr_min over the run's global steps; lr_milestones unused); warmup_epochs: a
-    linear warm-up from 0 first, in either. grad_clip: clip the gradient to this global L2
-    norm before each optimizer step (None: no clipping), computed over the gradient that
-    trains (inactive weights' gradients left out), after the all-reduce and fp16 unscaling.
-    precision: fp32 | fp16 | bf16 autocast (GradScaler for fp16 only), or auto: bf16 where the
-    GPU supports it, else fp16 on CUDA, fp32 on the CPU. channels_last: conv nets on CUDA in
-    the channels-last memory format. compile: run the model through ``torch.compile``.
-    sync_bn: SyncBatchNorm across workers (for small per-worker batches).
-    sparse_allreduce: under DDP, all-reduce only the gradients of active weights between mask
-    updates (``distributed.SparseAllReduce``; bit-identical results on 2 workers). On by
-    default: it sends about density x the gradient bytes (figures: docs/communication.md).
+    Attributes:
+        model: a built-in name, ``pkg.module:factory`` (a user's factory, see
+            ``granet_ray.reference``) or ``timm:<name>``.
+        dataset: a built-in name or ``pkg.module:factory``.
+        data_root: the dataset's folder, or a packed dataset (folder or ``s3://``).
+        train_size: keep only that many training samples (None: all; synthetic data: its
+            size).
+        epochs: the run's length; ``override`` rescales the epoch-based schedule with it.
+        global_batch: B, samples per optimizer step over all workers; each of W workers
+            takes B / W.
+        max_batch_per_worker: the most one worker's forward pass takes; beyond it the worker
+            accumulates gradients over micro-batches (None: no limit).
+        optimizer: sgd (momentum, nesterov), adam, or adamw (decoupled weight decay, none on
+            norms, biases and embeddings).
+        lr: the learning rate at global batch ``global_batch``.
+        momentum: SGD momentum.
+        nesterov: SGD with Nesterov momentum.
+        weight_decay: the optimizer's weight decay.
+        weight_decay_norm: False: sgd and adam put no weight decay on normalization layers.
+        lr_milestones: epochs where a ``step`` schedule multiplies the LR by ``lr_gamma``.
+        lr_gamma: the step schedule's factor.
+        warmup_epochs: a linear warm-up from 0 first, in either schedule.
+        lr_schedule: ``step`` or ``cosine`` (from lr down to ``lr_min`` over the run's global
+            steps; ``lr_milestones`` unused).
+        lr_min: the cosine schedule's floor.
+        grad_clip: clip the gradient to this global L2 norm before each optimizer step (None:
+            no clipping), after the all-reduce and fp16 unscaling, inactive weights left out.
+        label_smoothing: of the cross-entropy loss.
+        precision: fp32, fp16, bf16 autocast (a GradScaler for fp16 only), or auto: bf16
+            where the GPU supports it, else fp16 on CUDA, fp32 on the CPU.
+        channels_last: conv nets on CUDA in the channels-last memory format.
+        compile: run the model through ``torch.compile``.
+        sync_bn: SyncBatchNorm across workers (for small per-worker batches).
+        sparse_allreduce: with two workers or more, all-reduce only the gradients of active
+            weights between mask updates (``distributed.SparseAllReduce``: about density x
+            the bytes, bit-identical results; docs/communication.md).
+        seed: seeds the weights, the data order and the augmentation.
+        granet: the method and its schedule (a ``GraNetConfig``, or a mapping of its fields
+            over the demo's).
+
+    Raises:
+        ConfigError: a field out of its range, naming the field and the range.
     """
 
     model: str = "mnist_convnet"
@@ -918,31 +952,43 @@ KEEP_BEST_METRICS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Where and how a run executes.
+    """Where and how a run executes (nothing of it changes what the run computes).
 
-    num_workers: Ray Train workers (one process each); with ``min_workers`` the most of an
-    elastic run, which starts once ``min_workers`` are up, goes on smaller when nodes are
-    lost and grows back when they return (checked every ``resize_interval`` seconds; the
-    run resumes from its newest checkpoint at every resize). gpus_per_worker: > 0 trains on CUDA
-    with NCCL; 0 on CPU with gloo. cpus_per_worker: also sets each worker's data-loader
-    processes (this minus one). storage_path: a local folder (made absolute) or
-    ``s3://bucket/prefix``. storage_options: S3 credentials and endpoint (keys
-    ``endpoint_url``, ``key``, ``secret``, ``token``). name: the run's folder under
-    storage_path (None: a unique generated name; an existing name resumes that run).
-    checkpoint_every: epochs between checkpoints (one is always written at the end).
-    checkpoint_every_steps: also a checkpoint every that many global steps inside an epoch
-    (None: only at epoch ends). max_failures: worker-group failures to recover from the
-    latest checkpoint (-1: no limit).
-    keep_checkpoints: keep the newest N committed checkpoints of the run (None: keep all);
-    keep_best: also keep the epoch-end checkpoint best by this metric (a key of
-    ``KEEP_BEST_METRICS``; needs keep_checkpoints). tensorboard: event files in the run's
-    ``tb/`` folder. mlflow_uri / mlflow_experiment: also log to this MLflow tracking URI
-    (None: no MLflow) under that experiment. lease_renew_s: seconds between renewals of the
-    run's lease on its folder (``store.lease``: it expires after 3 missed renewals).
-    data_options: S3 credentials and endpoint of an ``s3://`` ``data_root`` (a packed
-    dataset; the keys of storage_options; never written into a checkpoint). data_cache_dir,
-    data_cache_gb: each node's cache of packed-dataset shards (None:
-    ``~/.cache/granet-ray/data``) and its bound in GB.
+    Attributes:
+        num_workers: Ray Train workers (one process each); with ``min_workers`` the most of
+            an elastic run, which starts once ``min_workers`` are up, goes on smaller when
+            nodes are lost and grows back when they return (resuming from its newest
+            checkpoint at every resize).
+        min_workers: the fewest workers of an elastic run (None: a fixed size).
+        resize_interval: seconds between an elastic run's checks for capacity to grow.
+        gpus_per_worker: > 0 trains on CUDA with NCCL; 0 on the CPU with gloo.
+        cpus_per_worker: CPUs of each worker; also its data-loader processes (this less one).
+        storage_path: a local folder (made absolute) or ``s3://bucket/prefix``.
+        storage_options: S3 credentials and endpoint (keys ``endpoint_url``, ``key``,
+            ``secret``, ``token``).
+        name: the run's folder under storage_path (None: a unique generated name; an
+            existing name resumes that run).
+        checkpoint_every: epochs between checkpoints (one is always written at the end).
+        checkpoint_every_steps: also a checkpoint every that many global steps inside an
+            epoch (None: only at epoch ends).
+        max_failures: worker-group failures to recover from the latest checkpoint (-1: no
+            limit).
+        keep_checkpoints: keep the newest N committed checkpoints (None: keep all).
+        keep_best: also keep the epoch-end checkpoint best by this metric (a key of
+            ``KEEP_BEST_METRICS``; needs keep_checkpoints).
+        tensorboard: event files in the run's ``tb/`` folder.
+        mlflow_uri: also log to this MLflow tracking URI (None: no MLflow).
+        mlflow_experiment: the MLflow experiment's name.
+        lease_renew_s: seconds between renewals of the run's lease on its folder
+            (``store.lease``: it expires after 3 missed renewals).
+        data_options: S3 credentials and endpoint of an ``s3://`` ``data_root`` (a packed
+            dataset; the keys of storage_options; never written into a checkpoint).
+        data_cache_dir: each node's cache of packed-dataset shards (None:
+            ``~/.cache/granet-ray/data``).
+        data_cache_gb: that cache's bound in GB.
+
+    Raises:
+        ConfigError: a field out of its range, naming the field and the range.
     """
 
     num_workers: int = 1
