@@ -25,9 +25,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from granet_ray.config import GraNetConfig
 from granet_ray.distributed import DistributedSync, SparseAllReduce, register_sparse_allreduce
 from granet_ray.recipe import Sums, build_run, train_steps
-from granet_ray.sparsity import GraNet
+from granet_ray.sparsity import GraNet, criteria
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "device_path")
+
+
+@pytest.fixture
+def device_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count the syncs of the path CUDA takes: on the CPU a selection may gather its tied
+    positions with a sync, which costs nothing there (``criteria.GATHER_TIES_ON_CPU``)."""
+    monkeypatch.setattr(criteria, "GATHER_TIES_ON_CPU", False)
 
 aten = torch.ops.aten
 # ops whose CUDA kernels wait for the device: a scalar read, or an output sized by the data

@@ -20,9 +20,10 @@ from torch import nn
 
 from granet_ray.config import GraNetConfig
 from granet_ray.distributed import DistributedSync
-from granet_ray.sparsity import GraNet
+from granet_ray.sparsity import GraNet, criteria
 from granet_ray.sparsity.criteria import (
     TieBreak,
+    global_magnitude_prune,
     keep_top,
     kth_largest,
     ordered_bits,
@@ -236,3 +237,33 @@ def test_two_gloo_workers_break_massive_ties_identically(tmp_path: Path) -> None
         assert result["masks"].keys() == alone.keys()
         for n, m in alone.items():
             assert torch.equal(result["masks"][n], m), n
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gathering_the_tied_on_the_cpu_picks_what_the_device_path_picks(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``GATHER_TIES_ON_CPU`` (keys hashed at the tied positions only) and the device path
+    (every key hashed, no sync) give the same masks: keep_top with keys and with a key
+    source, the global prune over several layers, and a prune-and-regrow, on masses of ties
+    (zero gradients, four distinct magnitudes)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (16, 8, 3, 3), "b.weight": (40, 30), "c.weight": (10, 40)}
+    weights = {n: torch.randint(0, 4, s, generator=g).float() for n, s in shapes.items()}
+    masks = {n: torch.rand(s, generator=g) < 0.7 for n, s in shapes.items()}
+    grads = {n: torch.zeros(s) for n, s in shapes.items()}
+    flat = weights["b.weight"].reshape(-1)
+    keys = TIES.keys("b.weight", "grow", flat.numel())
+    source = TIES.source(["b.weight"], [flat.numel()], "grow", torch.device("cpu"))
+    results = []
+    for gather in (True, False):
+        monkeypatch.setattr(criteria, "GATHER_TIES_ON_CPU", gather)
+        tops = [keep_top(flat, k, keys) for k in range(0, flat.numel() + 1, 37)]
+        tops += [keep_top(flat, k, source) for k in range(0, flat.numel() + 1, 37)]
+        pruned = global_magnitude_prune(weights, masks, 0.3, TIES)
+        regrown = prune_and_regrow(weights, grads, pruned, 0.4, TIES)
+        results.append((tops, pruned, regrown))
+    (tops_a, pruned_a, regrown_a), (tops_b, pruned_b, regrown_b) = results
+    assert all(torch.equal(a, b) for a, b in zip(tops_a, tops_b, strict=True))
+    for n in shapes:
+        assert torch.equal(pruned_a[n], pruned_b[n]) and torch.equal(regrown_a[n], regrown_b[n])

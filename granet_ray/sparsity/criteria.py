@@ -10,13 +10,20 @@ device when the caller passes the active counts it already knows (``active``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from granet_ray.sparsity.seeding import layer_seed, random_keys
+from granet_ray.sparsity.seeding import layer_seed, random_keys, random_keys_at
 
 Tensors = dict[str, torch.Tensor]
+# The keys of a selection at given flat positions (None: at every position).
+KeySource = Callable[[torch.Tensor | None], torch.Tensor]
+# On the CPU a host sync costs nothing, so a selection gathers the positions tied at its
+# threshold and computes keys for those alone (the same masks, a fraction of the hashing).
+# False runs the device path, the one CUDA takes, on the CPU too (tests count its syncs).
+GATHER_TIES_ON_CPU = True
 
 _GUARD = 1e-9  # absorbs binary rounding such as 0.29 * 100 = 28.999999999999996
 _KEY_BITS = 31  # random_keys are below 2**31; a float32 score's order takes the 32 above
@@ -38,6 +45,27 @@ class TieBreak:
     ) -> torch.Tensor:
         seed = layer_seed(self.seed, f"{self.update}/ties/{purpose}", name)
         return random_keys(seed, numel, device)
+
+    def source(
+        self, names: Sequence[str], sizes: Sequence[int], purpose: str, device: torch.device
+    ) -> KeySource:
+        """The keys of layers ``names`` (of ``sizes`` elements) laid end to end, as a
+        ``KeySource``: every key (None), or the keys at given positions of that layout."""
+        seeds = [layer_seed(self.seed, f"{self.update}/ties/{purpose}", n) for n in names]
+
+        def keys_at(positions: torch.Tensor | None) -> torch.Tensor:
+            if positions is None:
+                parts = [random_keys(s, size, device) for s, size in zip(seeds, sizes, strict=True)]
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
+            out = torch.empty_like(positions)
+            start = 0
+            for seed, size in zip(seeds, sizes, strict=True):
+                inside = (positions >= start) & (positions < start + size)
+                out[inside] = random_keys_at(seed, positions[inside] - start)
+                start += size
+            return out
+
+        return keys_at
 
 
 def kth_largest(flat: torch.Tensor, k: int, *, method: str | None = None) -> torch.Tensor:
@@ -74,26 +102,52 @@ def _top_of(order: torch.Tensor, k: int, method: str | None) -> torch.Tensor:
     return keep
 
 
+def _top_by_keys(bits: torch.Tensor, k: int, keys: KeySource, method: str | None) -> torch.Tensor:
+    """Bool mask of the k largest of ``bits`` (1-D int64 from ``ordered_bits``, 0 < k < n),
+    equal values going to the larger key, then to the lower index. On CUDA: one int64 order
+    of value and key, no host sync. On the CPU, where a sync costs nothing, the same choice
+    made cheaper: the keys are computed only at the positions tied at the threshold."""
+    if bits.device.type != "cpu" or not GATHER_TIES_ON_CPU:
+        return _top_of((bits << _KEY_BITS) | keys(None), k, method)
+    threshold = kth_largest(bits, k, method=method)
+    keep = bits > threshold
+    tied = (bits == threshold).nonzero().squeeze(1)
+    missing = k - int(keep.sum())
+    if 0 < missing < tied.numel():
+        tied = tied[_top_of(keys(tied), missing, method)]
+    if missing > 0:
+        keep[tied] = True
+    return keep
+
+
 def keep_top(
     scores: torch.Tensor,
     k: int,
-    keys: torch.Tensor | None = None,
+    keys: torch.Tensor | KeySource | None = None,
     *,
     method: str | None = None,
 ) -> torch.Tensor:
     """Bool mask (same shape) of the k largest ``scores`` (compared as float32). Equal scores
     go to the larger of ``keys`` (int64 in [0, 2**31), one per element, e.g. from
-    ``TieBreak``), then to the lower flat index; without keys, to the lower flat index.
-    ``method`` picks how the threshold is found (see ``kth_largest``). No host sync."""
+    ``TieBreak``; or a ``KeySource`` giving them), then to the lower flat index; without
+    keys, to the lower flat index. ``method`` picks how the threshold is found (see
+    ``kth_largest``). No host sync on CUDA."""
     n = scores.numel()
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    order = ordered_bits(scores.reshape(-1)) << _KEY_BITS
-    if keys is not None:
-        order |= keys.reshape(-1)
-    return _top_of(order, k, method).view(scores.shape)
+    bits = ordered_bits(scores.reshape(-1))
+    if keys is None:
+        return _top_of(bits << _KEY_BITS, k, method).view(scores.shape)
+    if isinstance(keys, torch.Tensor):
+        table = keys.reshape(-1)
+
+        def source(positions: torch.Tensor | None) -> torch.Tensor:
+            return table if positions is None else table[positions]
+
+        return _top_by_keys(bits, k, source, method).view(scores.shape)
+    return _top_by_keys(bits, k, keys, method).view(scores.shape)
 
 
 def active_counts(masks: Tensors) -> dict[str, int]:
@@ -131,19 +185,19 @@ def global_magnitude_prune(
     if keep >= sum(active[n] for n in names):
         return {n: masks[n].clone() for n in masks}
     device = masks[names[0]].device
-    order = torch.empty(total, dtype=torch.int64, device=device)
+    sizes = [masks[n].numel() for n in names]
+    bits = torch.empty(total, dtype=torch.int64, device=device)
     start = 0
-    for n in names:  # filled layer by layer: no second full-size copy
-        size = masks[n].numel()
-        magnitude = ordered_bits(_masked_magnitude(weights[n], masks[n]).reshape(-1))
-        keys = ties.keys(n, "prune", size, device)
-        order[start : start + size] = (magnitude << _KEY_BITS) | keys
+    for n, size in zip(names, sizes, strict=True):  # layer by layer: no second full copy
+        bits[start : start + size] = ordered_bits(
+            _masked_magnitude(weights[n], masks[n]).reshape(-1)
+        )
         start += size
     if keep > 0:
-        kept = _top_of(order, keep, None)
+        kept = _top_by_keys(bits, keep, ties.source(names, sizes, "prune", device), None)
     else:
         kept = torch.zeros(total, dtype=torch.bool, device=device)
-    del order
+    del bits
     out, start = {}, 0
     for n in names:
         size = masks[n].numel()
@@ -168,7 +222,7 @@ def layerwise_magnitude_prune(
         if keep >= active[n]:
             out[n] = mask.clone()
         else:
-            keys = ties.keys(n, "prune", mask.numel(), mask.device)
+            keys = ties.source([n], [mask.numel()], "prune", mask.device)
             out[n] = keep_top(_masked_magnitude(weights[n], mask), keep, keys)
     return out
 
@@ -201,12 +255,13 @@ def prune_and_regrow(
             out[n] = mask.clone()
             continue
         numel = mask.numel()
-        drop_keys = ties.keys(n, "drop", numel, mask.device)
+        drop_keys = ties.source([n], [numel], "drop", mask.device)
         kept = keep_top(_masked_magnitude(weights[n], mask), active[n] - r, drop_keys)
         # non-finite gradients (an AMP overflow step) count as 0 so the layer never shrinks
         grow = torch.nan_to_num(grads[n].abs().float(), nan=0.0, posinf=0.0)
         grow_scores = torch.where(kept, -1.0, grow)
-        out[n] = kept | keep_top(grow_scores, r, ties.keys(n, "grow", numel, mask.device))
+        grow_keys = ties.source([n], [numel], "grow", mask.device)
+        out[n] = kept | keep_top(grow_scores, r, grow_keys)
     return out
 
 

@@ -47,7 +47,13 @@ def random_keys(seed: int, numel: int, device: torch.device | str | None = None)
     63-bit ``seed`` (e.g. a ``layer_seed``): a hash of (seed, position) in integer tensor
     arithmetic on ``device``, so the keys are the same on the CPU and on CUDA, on every
     worker, and are computed without a host sync."""
-    x = torch.arange(numel, dtype=torch.int64, device=device)
+    return random_keys_at(seed, torch.arange(numel, dtype=torch.int64, device=device))
+
+
+def random_keys_at(seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """The keys ``random_keys(seed, ...)`` gives at the int64 flat ``positions`` only (a new
+    tensor): what a selection needs when it knows which positions are tied."""
+    x = positions.to(torch.int64, copy=True)
     _mix32(x.add_(seed & _LOW32).bitwise_and_(_LOW32))
     _mix32(x.bitwise_xor_((seed >> 32) & _LOW32))
     return x.bitwise_right_shift_(1)
