@@ -495,7 +495,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
     train, changed = recipe(args)
     run = run_settings(args)
-    _print_recipe(console, train, changed, base_config(args)[1])
+    _print_recipe(console, train, changed, args.preset_file or args.preset or "mnist_demo")
     outcome = fit_local(
         train, run, device=device(args.device), progress=not args.no_progress, console=console
     )
@@ -510,7 +510,7 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
 
     train, changed = recipe(args)
     run = run_settings(args)
-    _print_recipe(console, train, changed, base_config(args)[1])
+    _print_recipe(console, train, changed, args.preset_file or args.preset or "mnist_demo")
     outcome = fit(train, run, address=args.address, progress=not args.no_progress, console=console)
     if args.evaluate_checkpoint:
         _evaluate(console, outcome.checkpoint_uri, train, run)
@@ -787,22 +787,15 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt = commands.add_parser("ckpt", help="inspect and export sparse checkpoints")
     verbs = ckpt.add_subparsers(dest="verb", required=True, metavar="VERB")
     inspect = verbs.add_parser("inspect", help="per-tensor density and bytes, verified")
-    export = verbs.add_parser("export", help="write a dense safetensors file")
-    for verb in (inspect, export):
-        verb.add_argument("uri", help="checkpoint: local path, file:// or s3://bucket/prefix")
-        verb.add_argument(
-            "--storage-option",
-            action="append",
-            metavar="KEY=VALUE",
-            help="s3fs option for s3:// URIs, repeatable (key, secret, endpoint_url)",
-        )
-        verb.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    inspect.add_argument("uri", help="checkpoint: local path, file:// or s3://bucket/prefix")
     inspect.add_argument(
         "--no-verify",
         action="store_true",
         help="read the manifest only: no file sizes or checksums",
     )
     inspect.set_defaults(handler=cmd_inspect)
+    export = verbs.add_parser("export", help="write a dense safetensors file")
+    export.add_argument("uri", help="checkpoint: local path, file:// or s3://bucket/prefix")
     export.add_argument("out", help="output .safetensors path (local or s3://)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     export.set_defaults(handler=cmd_export)
@@ -819,13 +812,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="minutes: younger files may belong to a save still in flight and are kept",
     )
-    gc.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="s3fs option for s3:// URIs, repeatable (key, secret, endpoint_url)",
-    )
-    gc.add_argument("--debug", action="store_true", help="show the traceback of an error")
     gc.set_defaults(handler=cmd_gc)
     bench = verbs.add_parser(
         "bench",
@@ -837,14 +823,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=32, help="the batch besides batch 1")
     bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     bench.add_argument("--repeats", type=int, default=5, help="whole-model timings per path")
-    bench.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="s3fs option for s3:// URIs, repeatable (key, secret, endpoint_url)",
-    )
-    bench.add_argument("--debug", action="store_true", help="show the traceback of an error")
     bench.set_defaults(handler=cmd_bench)
+    for verb in (inspect, export, gc, bench):  # every verb reads or writes a checkpoint's storage
+        verb.add_argument(
+            "--storage-option",
+            action="append",
+            metavar="KEY=VALUE",
+            help="s3fs option for s3:// URIs, repeatable (key, secret, endpoint_url)",
+        )
+        verb.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 

@@ -248,6 +248,7 @@ def check_model_input(model: nn.Module, data: DataBundle, train: TrainConfig) ->
             f"[{count}, {data.num_classes}]"
         )
 
+
 Wrap = Callable[[nn.Module], nn.Module]
 
 

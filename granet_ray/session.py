@@ -138,9 +138,7 @@ def clean_orphans(settings: RunSettings) -> None:
     """Delete the orphaned checkpoint data files of ``settings``' run folder older than
     ``RESUME_MIN_AGE_S`` (a save killed before it committed); a failure is a warning."""
     try:
-        collect_orphans(
-            settings.run_uri, settings.storage_options, min_age_s=RESUME_MIN_AGE_S
-        )
+        collect_orphans(settings.run_uri, settings.storage_options, min_age_s=RESUME_MIN_AGE_S)
     except CheckpointError as exc:
         warnings.warn(f"orphaned checkpoint files were not removed: {exc}", stacklevel=2)
 

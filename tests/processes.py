@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from ports import free_port
+
+from granet_ray.testing.ports import free_port
 
 # A fork server that imports these once starts each worker in well under a second (a plain
 # spawn imports torch and torch._dynamo, pulled in by the optimizer, in every process).

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-from ports import free_port
 
 from granet_ray.checks import check_storage, preflight
 from granet_ray.config import ConfigError, RunSettings, preset
 from granet_ray.store import StorageAuthError, StorageError, StorageUnreachableError
+from granet_ray.testing.ports import free_port
 from granet_ray.testing.seaweedfs import SeaweedFS
 
 

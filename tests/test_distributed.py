@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ports import free_port
 from torch import nn
 
 from granet_ray.config import GraNetConfig
@@ -26,6 +25,7 @@ from granet_ray.distributed import (
     sum_across_workers,
 )
 from granet_ray.sparsity import GraNet
+from granet_ray.testing.ports import free_port
 
 STEPS_PER_EPOCH = 10
 EPOCHS = 6

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from ports import free_port
 from tiny import tiny_train
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -37,6 +36,7 @@ from granet_ray.sparsity.criteria import (
     prune_and_regrow,
 )
 from granet_ray.store import load_sparse
+from granet_ray.testing.ports import free_port
 
 pytestmark = [
     pytest.mark.gpu,

@@ -22,9 +22,9 @@ import pytest
 import ray
 from fixtures_ray import RAY_ENV
 from fixtures_s3 import S3_TEST_BUCKET
-from ports import free_port, free_ports
 
 from granet_ray.store import load_sparse
+from granet_ray.testing.ports import free_port, free_ports
 from granet_ray.testing.seaweedfs import SeaweedFS
 
 ROOT = Path(__file__).resolve().parents[1]

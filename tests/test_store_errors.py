@@ -12,7 +12,6 @@ import pyarrow as pa
 import pytest
 import torch
 from fixtures_s3 import StorageRoot, masked_net, small_net
-from ports import free_port
 from torch import nn
 
 import granet_ray.store as store
@@ -35,6 +34,7 @@ from granet_ray.store import (
     load_sparse,
     save_sparse,
 )
+from granet_ray.testing.ports import free_port
 
 
 def test_every_error_shares_one_base_class() -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 from fixtures_s3 import S3_TEST_BUCKET, StorageRoot
-from ports import free_port
 
 from granet_ray.store import (
     BucketNotFoundError,
@@ -21,6 +20,7 @@ from granet_ray.store import (
     StorageUnreachableError,
     open_storage,
 )
+from granet_ray.testing.ports import free_port
 
 BINARY = bytes(range(256)) * 9 + b"\x00\xff"
 

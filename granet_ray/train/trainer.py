@@ -286,8 +286,8 @@ def fit(
         queue = progress_queue() if progress else None
         try:
             trainer = build_trainer(
-            train, run, progress_queue=queue, hooks=hooks, runtime_env=runtime_env
-        )
+                train, run, progress_queue=queue, hooks=hooks, runtime_env=runtime_env
+            )
             with RunView(console, enabled=progress) as view:
                 drain = QueueDrain(queue, view) if queue is not None else contextlib.nullcontext()
                 with drain:

@@ -1,4 +1,5 @@
-"""Free TCP ports on the loopback interface, for servers and process groups tests start."""
+"""Free TCP ports on the loopback interface, for the servers and process groups that tests,
+benchmarks and the SeaweedFS launcher start."""
 
 from __future__ import annotations
 
