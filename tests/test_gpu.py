@@ -199,6 +199,25 @@ def _sync_counted_updates(run: Run, counts: list[int]) -> None:
     run.engine.step = step_syncing_at_updates  # type: ignore[method-assign]
 
 
+def _steps_under_sync_errors(
+    run: Run, sums: Sums
+) -> tuple[list[int], list[tuple[int, bool]], list[int]]:
+    """One epoch of ``run``: two warm-up steps (cudnn autotuning, first allocations), then
+    every step with CUDA's sync debug mode erring, except the mask updates, whose host
+    syncs are counted. Returns the warm-up steps, (step, updated) of the others and the
+    updates' sync counts."""
+    counts: list[int] = []
+    _sync_counted_updates(run, counts)
+    steps = train_steps(run, 0, sums)
+    warmup = [next(steps).step for _ in range(2)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        checked = [(info.step, info.update is not None) for info in steps]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return warmup, checked, counts
+
+
 def test_no_host_sync_between_mask_updates_on_cuda() -> None:
     """After two warm-up steps, CUDA's sync debug mode makes every host sync an error, except
     inside ``engine.step()`` at a mask update, which makes at most 3 (the finite-gradient
@@ -216,16 +235,8 @@ def test_no_host_sync_between_mask_updates_on_cuda() -> None:
         ),
     )
     run = build_run(train, device=GPU, loader_workers=2)
-    counts: list[int] = []
-    _sync_counted_updates(run, counts)
     sums = Sums.zeros(GPU)
-    steps = train_steps(run, 0, sums)
-    warmup = [next(steps).step for _ in range(2)]  # cudnn autotuning, first allocations
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        checked = [(info.step, info.update is not None) for info in steps]
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    warmup, checked, counts = _steps_under_sync_errors(run, sums)
     assert warmup == [1, 2] and [s for s, _ in checked] == list(range(3, 9))
     assert [s for s, updated in checked if updated] == [3, 6]
     assert len(counts) == 2 and all(1 <= c <= 3 for c in counts), counts
@@ -371,15 +382,7 @@ def test_the_sparse_allreduce_hook_never_syncs_in_backward(nccl_group: None) -> 
     )
     run.allreduce = register_sparse_allreduce(run.model, run.engine)  # one process: by hand
     assert isinstance(run.allreduce, SparseAllReduce)
-    counts: list[int] = []
-    _sync_counted_updates(run, counts)
-    steps = train_steps(run, 0, Sums.zeros(GPU))
-    warmup = [next(steps).step for _ in range(2)]
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        checked = [(info.step, info.update is not None) for info in steps]
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    warmup, checked, counts = _steps_under_sync_errors(run, Sums.zeros(GPU))
     assert warmup == [1, 2] and [s for s, _ in checked] == list(range(3, 9))
     assert [s for s, updated in checked if updated] == [3, 6]
     assert len(counts) == 2 and all(1 <= c <= 5 for c in counts), counts

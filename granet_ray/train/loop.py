@@ -23,7 +23,7 @@ uses all three.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,23 +121,19 @@ def report(
     if not checkpoint:
         ray.train.report(dict(metrics))
         return
-    name = f"checkpoint_step_{engine.step_count:08d}"
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(dict(metrics), checkpoint_dir_name=name)
-        return
-    net = unwrap(model)
-    engine_state = {k: v for k, v in engine.state_dict().items() if k != "masks"}
-    metadata = {
-        "kind": LOOP_METADATA_KIND,
-        "step": engine.step_count,
-        "engine": engine_state,
-        "summary": engine.summary(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "scaler": None if scaler is None else scaler.state_dict(),
-        "state": dict(state or {}),
-    }
-    with tempfile.TemporaryDirectory(prefix="granet-loop-") as tmp:
-        path = str(Path(tmp, name))
+
+    def write(path: str) -> None:
+        net = unwrap(model)
+        engine_state = {k: v for k, v in engine.state_dict().items() if k != "masks"}
+        metadata = {
+            "kind": LOOP_METADATA_KIND,
+            "step": engine.step_count,
+            "engine": engine_state,
+            "summary": engine.summary(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
+            "state": dict(state or {}),
+        }
         save_sparse(
             net.state_dict(),
             path,
@@ -145,6 +141,22 @@ def report(
             metadata=metadata,
             optimizer_state=optimizer_state_by_name(optimizer, net.named_parameters()),
         )
+
+    report_checkpoint(metrics, f"checkpoint_step_{engine.step_count:08d}", write)
+
+
+def report_checkpoint(
+    metrics: Mapping[str, Any], name: str, write: Callable[[str], object]
+) -> None:
+    """``ray.train.report(metrics)`` with a checkpoint named ``name`` that rank 0 alone writes
+    (``write(path)``) into a temporary folder Ray copies into the run's storage; the other
+    workers report the metrics under the same name. Every worker calls it."""
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(dict(metrics), checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory(prefix="granet-ckpt-") as tmp:
+        path = str(Path(tmp, name))
+        write(path)
         ray.train.report(
             dict(metrics),
             checkpoint=ray.train.Checkpoint.from_directory(path),

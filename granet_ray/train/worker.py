@@ -11,8 +11,6 @@ progress events to the driver. The session itself (resume or start, hooks) is
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -28,6 +26,7 @@ from granet_ray.recipe import Hooks, Position, Run, build_run
 from granet_ray.resume import checkpoint_name, rng_state, save_checkpoint
 from granet_ray.retention import apply_retention
 from granet_ray.session import train_session
+from granet_ray.train.loop import report_checkpoint
 
 
 class ReportHooks(Hooks):
@@ -54,16 +53,11 @@ class ReportHooks(Hooks):
             ray.train.report(dict(metrics))
 
     def _report(self, run: Run, metrics: dict[str, Any], position: Position) -> None:
-        rngs = gather_objects(rng_state())
+        rngs = gather_objects(rng_state())  # every worker's, for an exact resume
         name = checkpoint_name(position, run.plan.steps_per_epoch)
-        if run.rank != 0:
-            ray.train.report(metrics, checkpoint_dir_name=name)
-            return
-        with tempfile.TemporaryDirectory(prefix="granet-ckpt-") as tmp:
-            path = save_checkpoint(run, position, str(Path(tmp, name)), rngs)
-            checkpoint = ray.train.Checkpoint.from_directory(path)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-        apply_retention(self.settings, position.epochs)
+        report_checkpoint(metrics, name, lambda path: save_checkpoint(run, position, path, rngs))
+        if run.rank == 0:
+            apply_retention(self.settings, position.epochs)
 
 
 class QueueSender:
